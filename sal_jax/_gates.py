@@ -1,0 +1,129 @@
+"""Gates: how a stability score turns into a gradient multiplier.
+
+Every gate maps a score ``s`` and a threshold ``tau`` to a factor ``f`` with
+``0 <= f <= 1`` and the gated gradient is ``g * f``:
+
+* ``"soft"``    (the original SAL rule): ``f = 1 - s`` if ``s > tau`` else 1.
+* ``"hard"``:   ``f = 0`` if ``s > tau`` else 1.
+* ``"linear"``: ``f = max(1 - (s - tau) / (1 - tau), 0)`` if ``s > tau``
+  else 1.
+* ``"sigmoid"``: ``f = 1 / (1 + exp(k (s - tau)))`` everywhere, with
+  steepness ``k``.
+
+Comparisons are strict: a score exactly at the threshold passes unchanged,
+as in the original.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import chex
+import jax
+import jax.numpy as jnp
+
+GateFn = Callable[[jax.Array, jax.Array, float], jax.Array]
+
+DEFAULT_STEEPNESS = 10.0
+
+
+def soft_gate(score, threshold, steepness=DEFAULT_STEEPNESS):
+  """Original SAL factor: ``1 - s`` above the threshold, else 1."""
+  del steepness
+  return jnp.where(score > threshold, 1.0 - score, jnp.ones_like(score))
+
+
+def hard_gate(score, threshold, steepness=DEFAULT_STEEPNESS):
+  """Blocks the gradient entirely above the threshold."""
+  del steepness
+  return jnp.where(score > threshold, jnp.zeros_like(score),
+                   jnp.ones_like(score))
+
+
+def linear_gate(score, threshold, steepness=DEFAULT_STEEPNESS):
+  """Ramps from 1 at the threshold down to 0 at a score of 1."""
+  del steepness
+  # Guard the division: the branch is unused when threshold == 1, but a
+  # NaN there would still leak into gradients of the factor.
+  span = jnp.maximum(1.0 - threshold, 1e-12)
+  ramp = jnp.maximum(1.0 - (score - threshold) / span, 0.0)
+  return jnp.where(score > threshold, ramp, jnp.ones_like(score))
+
+
+def sigmoid_gate(score, threshold, steepness=DEFAULT_STEEPNESS):
+  """Smooth step ``1 / (1 + exp(k (s - tau)))``, applied at every score."""
+  return jax.nn.sigmoid(-steepness * (score - threshold))
+
+
+GATES: dict[str, GateFn] = {
+    "soft": soft_gate,
+    "hard": hard_gate,
+    "linear": linear_gate,
+    "sigmoid": sigmoid_gate,
+}
+
+
+def get_gate(name: str) -> GateFn:
+  """Looks a gate up by name, with a clear error for unknown names."""
+  try:
+    return GATES[name]
+  except (KeyError, TypeError):
+    raise ValueError(
+        f"sal_jax: unknown gate {name!r}; expected one of "
+        f"{sorted(GATES)}.") from None
+
+
+# The original's ``StabilityGate`` names its sigmoid gate "soft".
+_STABILITY_GATE_TYPES = {"soft": sigmoid_gate, "hard": hard_gate,
+                         "linear": linear_gate}
+
+
+def stability_gate(
+    gradient: chex.Array,
+    stability_score: chex.Numeric,
+    gate_type: str = "soft",
+    threshold: float = 0.5,
+    steepness: float = DEFAULT_STEEPNESS,
+) -> jax.Array:
+  r"""Scales a gradient by a gate of its stability score.
+
+  This is the original's stand-alone gate; its ``"soft"`` type is the sigmoid
+  gate :math:`g / (1 + e^{k (s - \tau)})` (in :func:`protect` that gate is
+  called ``"sigmoid"``, and ``"soft"`` is the original's ``g (1 - s)``).
+
+  .. math::
+    \text{soft: } g / (1 + e^{k(s-\tau)}) \qquad
+    \text{hard: } 0 \text{ if } s > \tau \qquad
+    \text{linear: } g \max(1 - \tfrac{s-\tau}{1-\tau}, 0) \text{ if } s > \tau
+
+  Args:
+    gradient: the gradient to gate.
+    stability_score: a scalar score, or an array broadcastable to
+      ``gradient``.
+    gate_type: ``"soft"`` (sigmoid), ``"hard"`` or ``"linear"``.
+    threshold: the threshold :math:`\tau`.
+    steepness: the sigmoid steepness :math:`k`.
+
+  Returns:
+    The gated gradient, same shape and dtype as ``gradient``.
+
+  Raises:
+    ValueError: for an unknown ``gate_type``.
+
+  Examples:
+    >>> import jax.numpy as jnp
+    >>> from sal_jax import stability_gate
+    >>> stability_gate(jnp.array([2.0, -4.0]), 0.9, "hard")
+    Array([0., 0.], dtype=float32)
+
+  References:
+    The original SAL library, ``sal.filters.StabilityGate``.
+  """
+  if gate_type not in _STABILITY_GATE_TYPES:
+    raise ValueError(
+        f"sal_jax: unknown gate_type {gate_type!r}; expected one of "
+        f"{sorted(_STABILITY_GATE_TYPES)}.")
+  gradient = jnp.asarray(gradient)
+  score = jnp.asarray(stability_score, jnp.float32)
+  factor = _STABILITY_GATE_TYPES[gate_type](score, threshold, steepness)
+  return (gradient * factor).astype(gradient.dtype)

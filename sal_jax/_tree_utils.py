@@ -1,0 +1,106 @@
+"""Tree utilities used across sal_jax.
+
+This is the bottom of the package: it imports nothing from sal_jax.
+"""
+
+from __future__ import annotations
+
+import math
+import chex
+import jax
+import jax.numpy as jnp
+import optax
+
+# optax's own wording, so users see the message they know from optax.
+MISSING_PARAMS_MESSAGE = (
+    "You are using a transformation that requires the current value of "
+    "parameters, but you are not passing `params` when calling `update`."
+)
+
+
+def check_same_structure(
+    updates: chex.ArrayTree,
+    params: chex.ArrayTree,
+    what: str = "updates",
+    other: str = "params",
+) -> None:
+  """Raises ``ValueError`` if two trees differ in structure or leaf shapes.
+
+  Runs at trace time only (structures and shapes are static), so it costs
+  nothing inside a compiled step.
+
+  Args:
+    updates: first tree.
+    params: second tree.
+    what: name of the first tree in the error message.
+    other: name of the second tree in the error message.
+
+  Raises:
+    ValueError: naming the first path whose structure or shape differs.
+  """
+  treedef_u = jax.tree.structure(updates)
+  treedef_p = jax.tree.structure(params)
+  if treedef_u != treedef_p:
+    paths_u = {jax.tree_util.keystr(p) for p, _ in
+               jax.tree_util.tree_flatten_with_path(updates)[0]}
+    paths_p = {jax.tree_util.keystr(p) for p, _ in
+               jax.tree_util.tree_flatten_with_path(params)[0]}
+    only_u = sorted(paths_u - paths_p)[:5]
+    only_p = sorted(paths_p - paths_u)[:5]
+    detail = []
+    if only_u:
+      detail.append(f"only in {what}: {only_u}")
+    if only_p:
+      detail.append(f"only in {other}: {only_p}")
+    if not detail:
+      detail.append(f"{what} structure {treedef_u} vs {other} structure "
+                    f"{treedef_p}")
+    raise ValueError(
+        f"sal_jax: {what} and {other} have different tree structures "
+        f"({'; '.join(detail)}).")
+  leaves_u = jax.tree_util.tree_flatten_with_path(updates)[0]
+  leaves_p = jax.tree.leaves(params)
+  for (path, u), p in zip(leaves_u, leaves_p):
+    if jnp.shape(u) != jnp.shape(p):
+      raise ValueError(
+          f"sal_jax: {what} and {other} differ in shape at "
+          f"{jax.tree_util.keystr(path)}: {jnp.shape(u)} vs {jnp.shape(p)}.")
+
+
+def leaf_norms(tree: chex.ArrayTree) -> chex.ArrayTree:
+  """L2 norm of every leaf, as float32 scalars (same tree structure)."""
+  return jax.tree.map(
+      lambda x: jnp.sqrt(jnp.sum(jnp.square(x.astype(jnp.float32)))), tree)
+
+
+def tree_all_finite(tree: chex.ArrayTree) -> jax.Array:
+  """Whether every entry of every leaf is finite (a boolean scalar)."""
+  leaves = jax.tree.leaves(tree)
+  if not leaves:
+    return jnp.array(True)
+  return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in leaves]))
+
+
+def tree_select(pred: jax.Array, on_true: chex.ArrayTree,
+                on_false: chex.ArrayTree) -> chex.ArrayTree:
+  """Elementwise ``where`` of a scalar predicate over two like trees."""
+  return jax.tree.map(lambda a, b: jnp.where(pred, a, b), on_true, on_false)
+
+
+def tree_norm(tree: chex.ArrayTree) -> jax.Array:
+  """Global L2 norm over all leaves (float32 scalar)."""
+  leaves = jax.tree.leaves(tree)
+  if not leaves:
+    return jnp.zeros((), jnp.float32)
+  return jnp.sqrt(sum(jnp.sum(jnp.square(x.astype(jnp.float32)))
+                      for x in leaves))
+
+
+def parameter_count(tree: chex.ArrayTree) -> int:
+  """Total number of entries over all leaves (a Python int)."""
+  return int(sum(math.prod(jnp.shape(x)) for x in jax.tree.leaves(tree)))
+
+
+def num_leaves(tree: chex.ArrayTree) -> int:
+  """Number of array leaves (``optax.MaskedNode`` placeholders excluded)."""
+  return len(jax.tree.leaves(tree))

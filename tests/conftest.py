@@ -1,0 +1,52 @@
+"""Shared test helpers: the golden fixture of the original implementation."""
+
+from __future__ import annotations
+
+import functools
+import json
+import math
+import pathlib
+
+import numpy as np
+import pytest
+
+FIXTURE_PATH = pathlib.Path(__file__).parent / "fixtures" / "sal_reference_parity.json"
+
+# The torch parameter names of the tiny fixture model, in iteration order.
+PARAM_ORDER = ("0.weight", "0.bias", "2.weight", "2.bias")
+
+ARRAY_TOL = dict(rtol=1e-5, atol=1e-6)
+SCALAR_TOL = dict(rtol=1e-5, atol=1e-7)
+
+_NON_FINITE = {"NaN": math.nan, "Infinity": math.inf, "-Infinity": -math.inf}
+
+
+def _decode(x):
+  if isinstance(x, str) and x in _NON_FINITE:
+    return _NON_FINITE[x]
+  if isinstance(x, list):
+    return [_decode(v) for v in x]
+  if isinstance(x, dict):
+    return {k: _decode(v) for k, v in x.items()}
+  return x
+
+
+@functools.lru_cache(maxsize=1)
+def load_fixture() -> dict:
+  """The whole fixture, with non-finite strings decoded to floats."""
+  with open(FIXTURE_PATH) as f:
+    return _decode(json.load(f))
+
+
+@pytest.fixture(scope="session")
+def fixture() -> dict:
+  return load_fixture()
+
+
+def as_array(x, dtype=np.float32) -> np.ndarray:
+  return np.asarray(x, dtype=dtype)
+
+
+def param_dict(d: dict, dtype=np.float32) -> dict:
+  """A ``{torch name: array}`` dict from the fixture, as numpy arrays."""
+  return {k: as_array(v, dtype) for k, v in d.items()}
