@@ -113,8 +113,10 @@ def stability_gate(
   Examples:
     >>> import jax.numpy as jnp
     >>> from sal_jax import stability_gate
-    >>> stability_gate(jnp.array([2.0, -4.0]), 0.9, "hard")
+    >>> stability_gate(jnp.array([2.0, 4.0]), 0.9, "hard")
     Array([0., 0.], dtype=float32)
+    >>> stability_gate(jnp.array([2.0, 4.0]), 0.5, "soft")  # 1 / (1 + e^0)
+    Array([1., 2.], dtype=float32)
 
   References:
     The original SAL library, ``sal.filters.StabilityGate``.

@@ -50,3 +50,14 @@ def as_array(x, dtype=np.float32) -> np.ndarray:
 def param_dict(d: dict, dtype=np.float32) -> dict:
   """A ``{torch name: array}`` dict from the fixture, as numpy arrays."""
   return {k: as_array(v, dtype) for k, v in d.items()}
+
+
+def tiny_model_loss(params, x, y):
+  """The fixture's MLP ``Linear(4,8) -> tanh -> Linear(8,3)`` (torch layout),
+  mean cross-entropy of the logits."""
+  import jax
+  import jax.numpy as jnp
+  hidden = jnp.tanh(x @ params["0.weight"].T + params["0.bias"])
+  logits = hidden @ params["2.weight"].T + params["2.bias"]
+  logp = jax.nn.log_softmax(logits)
+  return -jnp.mean(jnp.take_along_axis(logp, y[:, None], axis=1))

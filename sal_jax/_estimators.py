@@ -1,0 +1,139 @@
+"""Stability estimators: how settled is each parameter?
+
+An estimator is a pair of pure functions. ``init(params)`` builds its state;
+``update(updates, state, params)`` returns a *raw* stability score per unit
+(one per leaf, or one per element) in ``[0, 1]`` and the new state. The
+:func:`sal_jax.protect` transformation smooths the raw scores with an EMA,
+adapts its threshold and gates the updates; estimators only measure.
+
+Estimators are looked up by name with :func:`get_estimator`, so
+``protect(estimator="reference")`` and future estimators plug in the same
+way; a :class:`StabilityEstimator` instance may also be passed directly.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, NamedTuple
+
+import chex
+import jax
+import jax.numpy as jnp
+
+GRANULARITIES = ("leaf", "element")
+
+EstimatorInitFn = Callable[[chex.ArrayTree], Any]
+EstimatorUpdateFn = Callable[
+    [chex.ArrayTree, Any, chex.ArrayTree], tuple[chex.ArrayTree, Any]]
+
+
+class StabilityEstimator(NamedTuple):
+  """A stability estimator: ``init(params)`` and ``update(updates, state,
+  params) -> (raw_scores, state)``.
+
+  ``raw_scores`` has the tree structure of ``params``; each leaf is a float32
+  scalar (leaf granularity) or a float32 array shaped like the parameter
+  (element granularity), with values in ``[0, 1]``.
+  """
+  init: EstimatorInitFn
+  update: EstimatorUpdateFn
+
+
+class ReferenceEstimatorState(NamedTuple):
+  """State of :func:`reference_estimator`: the params seen at the last step."""
+  previous_params: chex.ArrayTree
+
+
+def _validate_granularity(granularity: str) -> None:
+  if granularity not in GRANULARITIES:
+    raise ValueError(
+        f"sal_jax: unknown granularity {granularity!r}; expected one of "
+        f"{list(GRANULARITIES)}.")
+
+
+def reference_estimator(
+    granularity: str = "leaf",
+    eps: float = 1e-8,
+) -> StabilityEstimator:
+  r"""The original SAL stability measure: small motion times small gradient.
+
+  Per leaf (``granularity="leaf"``), with :math:`w` the current parameter,
+  :math:`w_{prev}` the parameter seen at the previous step (the initial one
+  at the first step, so the first motion is 0) and :math:`g` the gradient:
+
+  .. math::
+    r = \frac{1}{1 + \lVert w - w_{prev} \rVert \, \lVert g \rVert + \epsilon}
+
+  Per element (``granularity="element"``) the same formula is applied entry
+  by entry, :math:`r_j = 1 / (1 + |w_j - w_{prev,j}| \, |g_j| + \epsilon)`.
+
+  This is the measure of the original library, kept exactly. On real
+  training it drifts towards 1 for every parameter (it sees a tiny product
+  of two small numbers), which is why :func:`sal_jax.protect` offers other
+  estimators.
+
+  Args:
+    granularity: ``"leaf"`` (one score per parameter tensor) or
+      ``"element"`` (one score per entry).
+    eps: the constant in the denominator.
+
+  Returns:
+    A :class:`StabilityEstimator` whose state is a
+    :class:`ReferenceEstimatorState` (one copy of the params).
+
+  Examples:
+    >>> import jax.numpy as jnp
+    >>> from sal_jax import reference_estimator
+    >>> est = reference_estimator()
+    >>> params = {"w": jnp.zeros(3)}
+    >>> state = est.init(params)
+    >>> raw, state = est.update({"w": jnp.ones(3)}, state, {"w": jnp.ones(3)})
+    >>> round(float(raw["w"]), 4)  # 1 / (1 + sqrt(3) * sqrt(3))
+    0.25
+
+  References:
+    The original SAL library, ``sal.communication.CommunicationLayer``.
+  """
+  _validate_granularity(granularity)
+
+  def init_fn(params):
+    # A copy, so that a donated params buffer cannot alias the state.
+    return ReferenceEstimatorState(
+        previous_params=jax.tree.map(jnp.array, params))
+
+  def update_fn(updates, state, params):
+    def leaf_score(g, w, w_prev):
+      g = g.astype(jnp.float32)
+      motion = w.astype(jnp.float32) - w_prev.astype(jnp.float32)
+      if granularity == "leaf":
+        product = (jnp.sqrt(jnp.sum(jnp.square(motion)))
+                   * jnp.sqrt(jnp.sum(jnp.square(g))))
+      else:
+        product = jnp.abs(motion) * jnp.abs(g)
+      return 1.0 / (1.0 + product + eps)
+
+    raw = jax.tree.map(leaf_score, updates, params, state.previous_params)
+    new_prev = jax.tree.map(
+        lambda w, w_prev: w.astype(w_prev.dtype), params,
+        state.previous_params)
+    return raw, ReferenceEstimatorState(previous_params=new_prev)
+
+  return StabilityEstimator(init_fn, update_fn)
+
+
+# name -> factory(granularity) -> StabilityEstimator
+ESTIMATORS: dict[str, Callable[..., StabilityEstimator]] = {
+    "reference": reference_estimator,
+}
+
+
+def get_estimator(estimator: str | StabilityEstimator,
+                  granularity: str = "leaf") -> StabilityEstimator:
+  """Resolves an estimator name (or passes an instance through)."""
+  _validate_granularity(granularity)
+  if isinstance(estimator, StabilityEstimator):
+    return estimator
+  if isinstance(estimator, str) and estimator in ESTIMATORS:
+    return ESTIMATORS[estimator](granularity=granularity)
+  raise ValueError(
+      f"sal_jax: unknown estimator {estimator!r}; expected one of "
+      f"{sorted(ESTIMATORS)} or a StabilityEstimator.")

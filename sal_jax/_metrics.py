@@ -1,0 +1,117 @@
+"""Metrics read from an optimizer state that contains :func:`protect`."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+from sal_jax import _protect
+
+# Cut-offs of the original's stability summary (strict inequalities).
+PROTECTED_ABOVE = 0.7
+VOLATILE_BELOW = 0.3
+
+
+def _is_protect_state(x: Any) -> bool:
+  return isinstance(x, _protect.ProtectState)
+
+
+def find_protect_states(opt_state: Any) -> list[_protect.ProtectState]:
+  """Every :class:`ProtectState` inside an optimizer state, in tree order.
+
+  Works through ``optax.chain``, ``optax.masked``, ``optax.multi_transform``,
+  ``optax.inject_hyperparams``, ``optax.MultiSteps``,
+  ``optax.apply_if_finite`` and ``flax.nnx.Optimizer`` states (anything that
+  is a pytree).
+
+  Args:
+    opt_state: an optimizer state (any pytree).
+
+  Returns:
+    The list of protect states found (possibly empty).
+
+  Examples:
+    >>> import jax.numpy as jnp, optax, sal_jax as sal
+    >>> tx = optax.chain(sal.protect(), optax.adam(1e-3))
+    >>> len(sal.find_protect_states(tx.init({"w": jnp.zeros(2)})))
+    1
+  """
+  leaves = jax.tree.leaves(opt_state, is_leaf=_is_protect_state)
+  return [x for x in leaves if _is_protect_state(x)]
+
+
+def metrics(opt_state: Any) -> dict[str, jax.Array]:
+  r"""SAL metrics of an optimizer state, as a dict of jnp scalars.
+
+  Usable inside ``jax.jit`` (nothing leaves the device). With :math:`s` the
+  stability scores of all units (leaves, or elements at element
+  granularity):
+
+  * ``threshold``: the adapted threshold of the last step;
+  * ``step``: the number of steps taken;
+  * ``protection_rate``: mean over leaves of ``1 - ||g_out|| / ||g||`` at the
+    last step; ``mean_protection_rate``: its running mean over steps;
+  * ``protected_fraction`` :math:`= \operatorname{mean}(s > 0.7)`,
+    ``volatile_fraction`` :math:`= \operatorname{mean}(s < 0.3)`,
+    ``neutral_fraction``: the rest;
+  * ``mean_score``: the mean score over units.
+
+  Args:
+    opt_state: an optimizer state holding exactly one
+      :class:`~sal_jax.ProtectState` (or that state itself).
+
+  Returns:
+    A dict of float32 (``step``: int32) scalars.
+
+  Raises:
+    ValueError: if the state holds no protect state, or several (then pass
+      the part of the state you want).
+
+  Examples:
+    >>> import jax, jax.numpy as jnp, optax, sal_jax as sal
+    >>> params = {"w": jnp.ones(3)}
+    >>> tx = optax.chain(sal.protect(), optax.adam(1e-3))
+    >>> state = tx.init(params)
+    >>> _, state = tx.update({"w": jnp.ones(3)}, state, params)
+    >>> m = jax.jit(sal.metrics)(state)
+    >>> int(m["step"]), round(float(m["protection_rate"]), 2)
+    (1, 0.65)
+
+  References:
+    The original SAL library, ``CommunicationLayer.get_state``.
+  """
+  found = find_protect_states(opt_state)
+  if not found:
+    raise ValueError(
+        "sal_jax.metrics: no ProtectState found in the optimizer state; is "
+        "sal_jax.protect() part of the optimizer?")
+  if len(found) > 1:
+    raise ValueError(
+        f"sal_jax.metrics: found {len(found)} ProtectStates; pass the part "
+        "of the optimizer state that holds the one you want (see "
+        "sal_jax.find_protect_states).")
+  state = found[0]
+  scores = [s.astype(jnp.float32).ravel()
+            for s in jax.tree.leaves(state.scores)]
+  rates = [r.astype(jnp.float32) for r in
+           jax.tree.leaves(state.protection_rates)]
+  if scores:
+    flat = jnp.concatenate(scores)
+    protected = jnp.mean(flat > PROTECTED_ABOVE)
+    volatile = jnp.mean(flat < VOLATILE_BELOW)
+    mean_score = jnp.mean(flat)
+    rate = jnp.mean(jnp.stack(rates))
+  else:
+    protected = volatile = mean_score = rate = jnp.zeros((), jnp.float32)
+  return {
+      "step": state.count,
+      "threshold": state.threshold,
+      "protection_rate": rate.astype(jnp.float32),
+      "mean_protection_rate": state.mean_protection_rate,
+      "protected_fraction": protected.astype(jnp.float32),
+      "neutral_fraction": (1.0 - protected - volatile).astype(jnp.float32),
+      "volatile_fraction": volatile.astype(jnp.float32),
+      "mean_score": mean_score.astype(jnp.float32),
+  }

@@ -1,0 +1,264 @@
+"""The ``protect`` transformation: SAL as an optax ``GradientTransformation``."""
+
+from __future__ import annotations
+
+import numbers
+from typing import Any, NamedTuple
+
+import chex
+import jax
+import jax.numpy as jnp
+import optax
+
+from sal_jax import _estimators
+from sal_jax import _gates
+from sal_jax import _tree_utils
+
+# Below this gradient norm a leaf counts as "no gradient": rate 0, and the
+# threshold is not adapted when the mean norm is below it.
+_NORM_EPS = 1e-8
+
+
+class ProtectState(NamedTuple):
+  """State of :func:`protect`.
+
+  Attributes:
+    count: number of (finite) steps taken, int32.
+    threshold: the adapted threshold used at the last step, float32.
+    scores: smoothed stability score per unit; the tree of the params with a
+      scalar per leaf (leaf granularity) or an array shaped like the leaf
+      (element granularity).
+    protection_rates: per leaf, ``1 - ||g_out|| / ||g||`` at the last step.
+    mean_protection_rate: running mean over steps of the per-step mean (over
+      leaves) protection rate, float32.
+    estimator_state: the state of the stability estimator.
+  """
+  count: jax.Array
+  threshold: jax.Array
+  scores: chex.ArrayTree
+  protection_rates: chex.ArrayTree
+  mean_protection_rate: jax.Array
+  estimator_state: Any
+
+
+def _is_python_number(x: Any) -> bool:
+  return isinstance(x, numbers.Real) and not isinstance(x, bool)
+
+
+def _check_in_range(name: str, value: Any, low: float, high: float,
+                    low_open: bool = False) -> None:
+  # Only Python numbers are checked: arrays (e.g. from
+  # optax.inject_hyperparams) may be tracers whose value is not known here.
+  if not _is_python_number(value):
+    return
+  bad_low = value <= low if low_open else value < low
+  if bad_low or value > high or value != value:
+    bracket = "(" if low_open else "["
+    raise ValueError(
+        f"sal_jax.protect: {name} must be in {bracket}{low}, {high}], "
+        f"got {value!r}.")
+
+
+def _adapt_threshold(magnitudes_sum, magnitudes_sq_sum, count, base,
+                     adaptation, low, high, previous):
+  """``clip(base + adaptation * std / (mean + eps), low, high)``."""
+  mean = magnitudes_sum / count
+  var = jnp.maximum(magnitudes_sq_sum / count - jnp.square(mean), 0.0)
+  adapted = jnp.clip(base + adaptation * jnp.sqrt(var) / (mean + _NORM_EPS),
+                     low, high)
+  return jnp.where(mean >= _NORM_EPS, adapted, previous)
+
+
+def protect(
+    threshold: chex.Numeric = 0.5,
+    threshold_adaptation: chex.Numeric = 0.1,
+    gate: str = "soft",
+    score_ema: chex.Numeric = 0.3,
+    granularity: str = "leaf",
+    estimator: str | _estimators.StabilityEstimator = "reference",
+    axis_name: str | None = None,
+    state_dtype: Any = None,
+    *,
+    initial_score: float = 0.5,
+    threshold_range: tuple[float, float] = (0.1, 0.9),
+    steepness: float = _gates.DEFAULT_STEEPNESS,
+) -> optax.GradientTransformationExtraArgs:
+  r"""Scales down the updates of settled parameters (Self-Alignment Learning).
+
+  At every step, for each unit :math:`i` (a parameter leaf, or one entry of
+  it), the estimator measures a raw stability :math:`r_i \in [0, 1]` from the
+  incoming update :math:`g` and the current params; the score is smoothed,
+
+  .. math::
+    s_i \leftarrow \beta r_i + (1 - \beta) s_i, \qquad s_i^{(0)} = 0.5,
+
+  the threshold adapts to the spread of the update magnitudes
+  :math:`m_i = \lVert g_i \rVert` (per element: :math:`|g_j|`),
+
+  .. math::
+    \tau = \operatorname{clip}\Big(\tau_0 + \alpha
+      \frac{\operatorname{std}(m)}{\operatorname{mean}(m) + 10^{-8}},
+      0.1, 0.9\Big) \quad \text{(kept if } \operatorname{mean}(m) < 10^{-8}),
+
+  and the update is gated, :math:`g_i \leftarrow g_i \, f(s_i, \tau)`, with
+  ``gate`` one of ``"soft"`` (:math:`1 - s` above :math:`\tau`, the
+  original rule), ``"hard"``, ``"linear"`` or ``"sigmoid"`` (see
+  :mod:`sal_jax._gates`).
+
+  With ``estimator="reference"`` and ``granularity="leaf"`` this reproduces
+  the original library's ``CommunicationLayer`` step for step.
+
+  A step whose updates contain NaN or Inf leaves the state unchanged and
+  passes the updates through untouched, so that ``optax.apply_if_finite``
+  (or your own check) can reject it.
+
+  Args:
+    threshold: base threshold :math:`\tau_0`, in ``[0, 1]``.
+    threshold_adaptation: :math:`\alpha \ge 0`, how much the spread of update
+      magnitudes raises the threshold.
+    gate: ``"soft"``, ``"hard"``, ``"linear"`` or ``"sigmoid"``.
+    score_ema: weight :math:`\beta \in (0, 1]` of the new raw score.
+    granularity: ``"leaf"`` (one score per parameter tensor) or
+      ``"element"`` (one score per entry).
+    estimator: name of a stability estimator (``"reference"``) or a
+      :class:`~sal_jax.StabilityEstimator`.
+    axis_name: under ``jax.pmap``, the mapped axis name. Pass it when the
+      updates reaching ``protect`` are per-device (not yet averaged): the
+      statistics are then computed on the cross-device mean, so every replica
+      keeps the same state. Updates that are already averaged need none.
+    state_dtype: dtype of the scores and rates (default float32).
+    initial_score: the score every unit starts from.
+    threshold_range: the clip range of the adapted threshold.
+    steepness: steepness of the ``"sigmoid"`` gate.
+
+  Returns:
+    An ``optax.GradientTransformationExtraArgs`` whose ``update`` requires
+    ``params``.
+
+  Raises:
+    ValueError: for bad hyperparameters; at ``update`` time if ``params`` is
+      missing or its tree differs from the updates.
+
+  Examples:
+    >>> import jax, jax.numpy as jnp, optax
+    >>> import sal_jax as sal
+    >>> params = {"w": jnp.ones(3)}
+    >>> tx = optax.chain(sal.protect(), optax.sgd(0.1))
+    >>> state = tx.init(params)
+    >>> grads = {"w": jnp.full(3, 0.5)}
+    >>> updates, state = jax.jit(tx.update)(grads, state, params)
+    >>> updates["w"]  # score 0.65 > threshold 0.5: g * (1 - 0.65) * -0.1
+    Array([-0.0175, -0.0175, -0.0175], dtype=float32)
+
+  References:
+    The original SAL library, ``sal.communication.CommunicationLayer``.
+  """
+  gate_fn = _gates.get_gate(gate)
+  stability = _estimators.get_estimator(estimator, granularity)
+  _check_in_range("threshold", threshold, 0.0, 1.0)
+  _check_in_range("threshold_adaptation", threshold_adaptation, 0.0,
+                  float("inf"))
+  _check_in_range("score_ema", score_ema, 0.0, 1.0, low_open=True)
+  _check_in_range("initial_score", initial_score, 0.0, 1.0)
+  low, high = threshold_range
+  if not 0.0 <= low <= high <= 1.0:
+    raise ValueError(
+        "sal_jax.protect: threshold_range must satisfy 0 <= low <= high <= 1,"
+        f" got {threshold_range!r}.")
+  dtype = jnp.dtype(jnp.float32 if state_dtype is None else state_dtype)
+  if not jnp.issubdtype(dtype, jnp.floating):
+    raise ValueError(
+        f"sal_jax.protect: state_dtype must be a float dtype, got {dtype}.")
+
+  def init_fn(params):
+    def init_score(p):
+      shape = () if granularity == "leaf" else jnp.shape(p)
+      return jnp.full(shape, initial_score, dtype)
+
+    return ProtectState(
+        count=jnp.zeros((), jnp.int32),
+        threshold=jnp.asarray(threshold, jnp.float32),
+        scores=jax.tree.map(init_score, params),
+        protection_rates=jax.tree.map(lambda _: jnp.zeros((), dtype), params),
+        mean_protection_rate=jnp.zeros((), jnp.float32),
+        estimator_state=stability.init(params),
+    )
+
+  def update_fn(updates, state, params=None, **extra_args):
+    del extra_args
+    if params is None:
+      raise ValueError(_tree_utils.MISSING_PARAMS_MESSAGE)
+    _tree_utils.check_same_structure(updates, params)
+    if jax.tree.structure(state.protection_rates) != jax.tree.structure(
+        params):
+      raise ValueError(
+          "sal_jax.protect: the optimizer state was initialised for a "
+          "different params tree than the one passed to update "
+          f"({jax.tree.structure(state.protection_rates)} vs "
+          f"{jax.tree.structure(params)}).")
+
+    finite = _tree_utils.tree_all_finite(updates)
+    stats_updates = updates
+    if axis_name is not None:
+      stats_updates = jax.lax.pmean(updates, axis_name)
+
+    raw, estimator_state = stability.update(
+        stats_updates, state.estimator_state, params)
+    scores = jax.tree.map(
+        lambda r, s: (score_ema * r + (1.0 - score_ema)
+                      * s.astype(jnp.float32)).astype(dtype),
+        raw, state.scores)
+
+    # Threshold adaptation from the spread of update magnitudes.
+    if granularity == "leaf":
+      magnitudes = jax.tree.leaves(_tree_utils.leaf_norms(stats_updates))
+      m_sum = sum(magnitudes)
+      m_sq_sum = sum(jnp.square(m) for m in magnitudes)
+      m_count = len(magnitudes)
+    else:
+      leaves = [g.astype(jnp.float32) for g in jax.tree.leaves(stats_updates)]
+      m_sum = sum(jnp.sum(jnp.abs(g)) for g in leaves)
+      m_sq_sum = sum(jnp.sum(jnp.square(g)) for g in leaves)
+      m_count = sum(g.size for g in leaves)
+    new_threshold = _adapt_threshold(
+        m_sum, m_sq_sum, max(m_count, 1), threshold, threshold_adaptation,
+        low, high, state.threshold)
+
+    def gate_leaf(g, s):
+      factor = gate_fn(s.astype(jnp.float32), new_threshold, steepness)
+      return (g * factor).astype(g.dtype)
+
+    gated = jax.tree.map(gate_leaf, updates, scores)
+
+    def rate(g_in, g_out):
+      norm_in = jnp.sqrt(jnp.sum(jnp.square(g_in.astype(jnp.float32))))
+      norm_out = jnp.sqrt(jnp.sum(jnp.square(g_out.astype(jnp.float32))))
+      safe = jnp.where(norm_in > _NORM_EPS, norm_in, 1.0)
+      return jnp.where(norm_in > _NORM_EPS, 1.0 - norm_out / safe, 0.0)
+
+    gated_stats = gated
+    if axis_name is not None:
+      gated_stats = jax.tree.map(gate_leaf, stats_updates, scores)
+    rates = jax.tree.map(rate, stats_updates, gated_stats)
+    rate_leaves = jax.tree.leaves(rates)
+    step_rate = (sum(rate_leaves) / len(rate_leaves) if rate_leaves
+                 else jnp.zeros((), jnp.float32))
+    count = state.count + 1
+    mean_rate = state.mean_protection_rate + (
+        step_rate - state.mean_protection_rate) / count.astype(jnp.float32)
+
+    new_state = ProtectState(
+        count=count,
+        threshold=new_threshold.astype(jnp.float32),
+        scores=scores,
+        protection_rates=jax.tree.map(lambda r: r.astype(dtype), rates),
+        mean_protection_rate=mean_rate.astype(jnp.float32),
+        estimator_state=estimator_state,
+    )
+    # A non-finite step must not poison the state: keep the old one and let
+    # the updates through for apply_if_finite (or the user) to reject.
+    new_state = _tree_utils.tree_select(finite, new_state, state)
+    updates_out = _tree_utils.tree_select(finite, gated, updates)
+    return updates_out, new_state
+
+  return optax.GradientTransformationExtraArgs(init_fn, update_fn)
