@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from typing import Any
 
 import jax
@@ -23,11 +24,11 @@ def find_protect_states(opt_state: Any) -> list[_protect.ProtectState]:
 
   Works through ``optax.chain``, ``optax.masked``, ``optax.multi_transform``,
   ``optax.inject_hyperparams``, ``optax.MultiSteps``,
-  ``optax.apply_if_finite`` and ``flax.nnx.Optimizer`` states (anything that
-  is a pytree).
+  ``optax.apply_if_finite`` states (anything that is a pytree), and
+  ``flax.nnx.Optimizer`` objects (their nnx variables are unwrapped).
 
   Args:
-    opt_state: an optimizer state (any pytree).
+    opt_state: an optimizer state (any pytree) or an ``nnx.Optimizer``.
 
   Returns:
     The list of protect states found (possibly empty).
@@ -38,8 +39,18 @@ def find_protect_states(opt_state: Any) -> list[_protect.ProtectState]:
     >>> len(sal.find_protect_states(tx.init({"w": jnp.zeros(2)})))
     1
   """
+  # A flax.nnx.Optimizer keeps its optax state in `.opt_state`, with every
+  # array wrapped in an nnx Variable.
+  opt_state = getattr(opt_state, "opt_state", opt_state)
   leaves = jax.tree.leaves(opt_state, is_leaf=_is_protect_state)
-  return [x for x in leaves if _is_protect_state(x)]
+  found = [x for x in leaves if _is_protect_state(x)]
+  if "flax.nnx" in sys.modules:
+    variable_type = sys.modules["flax.nnx"].Variable
+    is_variable = lambda v: isinstance(v, variable_type)
+    found = [jax.tree.map(lambda v: v.get_value() if is_variable(v) else v,
+                          x, is_leaf=is_variable)
+             for x in found]
+  return found
 
 
 def metrics(opt_state: Any) -> dict[str, jax.Array]:
@@ -60,7 +71,8 @@ def metrics(opt_state: Any) -> dict[str, jax.Array]:
 
   Args:
     opt_state: an optimizer state holding exactly one
-      :class:`~sal_jax.ProtectState` (or that state itself).
+      :class:`~sal_jax.ProtectState` (or that state itself), or a
+      ``flax.nnx.Optimizer``.
 
   Returns:
     A dict of float32 (``step``: int32) scalars.
