@@ -1,0 +1,22 @@
+"""Smoke tests: the examples run end to end with tiny settings."""
+
+import pathlib
+import subprocess
+import sys
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+
+def _run_example(script, *args, tmp_path):
+  result = subprocess.run(
+      [sys.executable, str(ROOT / "examples" / script), *args,
+       "--out", str(tmp_path)],
+      capture_output=True, text=True, timeout=300, cwd=ROOT)
+  assert result.returncode == 0, result.stderr[-3000:]
+  return result.stdout
+
+
+def test_quickstart_runs_and_writes_its_plot(tmp_path):
+  out = _run_example("quickstart.py", "--epochs", "1", tmp_path=tmp_path)
+  assert "| adamw " in out and "| sal + adamw " in out
+  assert (tmp_path / "quickstart.png").stat().st_size > 10_000
