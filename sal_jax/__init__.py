@@ -25,8 +25,44 @@ from sal_jax._protect import protect
 from sal_jax._tree_utils import parameter_count
 from sal_jax._tree_utils import tree_norm
 # -- analyzer / spectrum / drift exports --
+from sal_jax._analyzer import NEUTRAL
+from sal_jax._analyzer import PROTECTED
+from sal_jax._analyzer import RunningAnalyzerState
+from sal_jax._analyzer import STATE_NAMES
+from sal_jax._analyzer import StabilityAnalyzer
+from sal_jax._analyzer import VOLATILE
+from sal_jax._analyzer import WindowedAnalyzerState
+from sal_jax._analyzer import analyzer_init
+from sal_jax._analyzer import analyzer_scores
+from sal_jax._analyzer import analyzer_update
+from sal_jax._analyzer import classify
+from sal_jax._analyzer import state_names
+from sal_jax._drift import drift_estimator
+from sal_jax._spectrum import DIAGNOSES
+from sal_jax._spectrum import StabilitySpectrum
+from sal_jax._spectrum import protect_mask
+from sal_jax._spectrum import spectrum
+from sal_jax._spectrum import stability_summary
 # -- end analyzer / spectrum / drift exports --
 # -- filters / utilities exports --
+from sal_jax._ema import EMAState
+from sal_jax._ema import ema_init
+from sal_jax._ema import ema_reset
+from sal_jax._ema import ema_update
+from sal_jax._ema import exponential_moving_average
+from sal_jax._filters import AdaptiveFilterState
+from sal_jax._filters import adaptive_filter_adapt
+from sal_jax._filters import adaptive_filter_init
+from sal_jax._filters import adaptive_filter_masks
+from sal_jax._filters import adaptive_filter_update
+from sal_jax._filters import frequency_filter
+from sal_jax._filters import gradient_magnitude_filter
+from sal_jax._filters import low_change_mask
+from sal_jax._seeds import create_seed
+from sal_jax._seeds import load_seed
+from sal_jax._seeds import save_seed
+from sal_jax._similarity import cosine_similarity
+from sal_jax._similarity import weight_distance
 # -- end filters / utilities exports --
 
 __version__ = "0.1.0"
@@ -51,7 +87,43 @@ __all__ = (
     "stability_gate",
     "tree_norm",
     # -- analyzer / spectrum / drift names --
+    "DIAGNOSES",
+    "NEUTRAL",
+    "PROTECTED",
+    "RunningAnalyzerState",
+    "STATE_NAMES",
+    "StabilityAnalyzer",
+    "StabilitySpectrum",
+    "VOLATILE",
+    "WindowedAnalyzerState",
+    "analyzer_init",
+    "analyzer_scores",
+    "analyzer_update",
+    "classify",
+    "drift_estimator",
+    "protect_mask",
+    "spectrum",
+    "stability_summary",
+    "state_names",
     # -- end analyzer / spectrum / drift names --
     # -- filters / utilities names --
+    "AdaptiveFilterState",
+    "EMAState",
+    "adaptive_filter_adapt",
+    "adaptive_filter_init",
+    "adaptive_filter_masks",
+    "adaptive_filter_update",
+    "cosine_similarity",
+    "create_seed",
+    "ema_init",
+    "ema_reset",
+    "ema_update",
+    "exponential_moving_average",
+    "frequency_filter",
+    "gradient_magnitude_filter",
+    "load_seed",
+    "low_change_mask",
+    "save_seed",
+    "weight_distance",
     # -- end filters / utilities names --
 )
