@@ -5,12 +5,40 @@ Pulse-Split-Cascade. APIs here may change between minor versions.
 """
 
 # -- baselines exports --
+from sal_jax.contrib._ewc import EwcState
+from sal_jax.contrib._ewc import StreamingEwcState
+from sal_jax.contrib._ewc import empirical_fisher
+from sal_jax.contrib._ewc import ewc
+from sal_jax.contrib._ewc import ewc_consolidate
+from sal_jax.contrib._ewc import streaming_ewc
+from sal_jax.contrib._l2_init import L2InitState
+from sal_jax.contrib._l2_init import l2_init
+from sal_jax.contrib._mas import StreamingMasState
+from sal_jax.contrib._mas import streaming_mas
+from sal_jax.contrib._si import StreamingSiState
+from sal_jax.contrib._si import streaming_si
+from sal_jax.contrib._upgd import UpgdState
+from sal_jax.contrib._upgd import upgd
 # -- end baselines exports --
 # -- psc exports --
 # -- end psc exports --
 
 __all__ = (
     # -- baselines names --
+    "EwcState",
+    "L2InitState",
+    "StreamingEwcState",
+    "StreamingMasState",
+    "StreamingSiState",
+    "UpgdState",
+    "empirical_fisher",
+    "ewc",
+    "ewc_consolidate",
+    "l2_init",
+    "streaming_ewc",
+    "streaming_mas",
+    "streaming_si",
+    "upgd",
     # -- end baselines names --
     # -- psc names --
     # -- end psc names --

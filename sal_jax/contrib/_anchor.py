@@ -1,0 +1,175 @@
+"""Shared pieces of the anchored-penalty baselines (EWC, SI, MAS, L2-init).
+
+Every such baseline adds the gradient of a quadratic pull toward an anchor,
+
+.. math::
+  g \\leftarrow g + \\lambda \\, \\Omega \\odot (\\theta - \\bar\\theta),
+
+to the incoming updates; they differ only in how the importance
+:math:`\\Omega` and the anchor :math:`\\bar\\theta` are obtained. This module
+holds the penalty, the argument checks, the state dtype rule and the EMA
+helpers, and the streaming "EMA importance" transformation that
+:func:`~sal_jax.contrib.streaming_ewc` and
+:func:`~sal_jax.contrib.streaming_mas` are built from.
+"""
+
+from __future__ import annotations
+
+import numbers
+from typing import Any, Callable
+
+import chex
+import jax
+import jax.numpy as jnp
+import optax
+
+from sal_jax import _tree_utils
+
+
+def is_python_number(x: Any) -> bool:
+  return isinstance(x, numbers.Real) and not isinstance(x, bool)
+
+
+def check_range(fn: str, name: str, value: Any, low: float, high: float,
+                low_open: bool = False, high_open: bool = False) -> None:
+  """Raises ``ValueError`` if a Python number lies outside the interval.
+
+  Arrays (e.g. from ``optax.inject_hyperparams``) are not checked: they may be
+  tracers whose value is unknown here.
+  """
+  if not is_python_number(value):
+    return
+  bad_low = value <= low if low_open else value < low
+  bad_high = value >= high if high_open else value > high
+  if bad_low or bad_high or value != value:
+    left = "(" if low_open else "["
+    right = ")" if high_open else "]"
+    raise ValueError(
+        f"sal_jax.contrib.{fn}: {name} must be in {left}{low}, {high}{right},"
+        f" got {value!r}.")
+
+
+def check_params(updates: chex.ArrayTree, params: Any) -> None:
+  """The checks every baseline's ``update`` runs before anything else."""
+  if params is None:
+    raise ValueError(_tree_utils.MISSING_PARAMS_MESSAGE)
+  _tree_utils.check_same_structure(updates, params)
+
+
+def state_dtype(x: Any) -> jnp.dtype:
+  """Dtype of state kept for a parameter leaf: at least float32.
+
+  bfloat16/float16 params get float32 statistics (an EMA of ``g**2`` in half
+  precision underflows); float64 params keep float64.
+  """
+  return jnp.promote_types(jnp.result_type(x), jnp.float32)
+
+
+def zeros_like_state(params: chex.ArrayTree) -> chex.ArrayTree:
+  return jax.tree.map(lambda p: jnp.zeros(jnp.shape(p), state_dtype(p)),
+                      params)
+
+
+def copy_as_state(params: chex.ArrayTree) -> chex.ArrayTree:
+  return jax.tree.map(lambda p: jnp.asarray(p, state_dtype(p)), params)
+
+
+def ema(old: chex.ArrayTree, new: chex.ArrayTree, decay) -> chex.ArrayTree:
+  """``decay * old + (1 - decay) * new``, in the dtype of ``old``."""
+  return jax.tree.map(
+      lambda o, n: (decay * o + (1.0 - decay) * n).astype(o.dtype), old, new)
+
+
+def debias(tree: chex.ArrayTree, decay, count: jax.Array) -> chex.ArrayTree:
+  """``tree / (1 - decay**count)`` (Adam's bias correction); 0 at count 0."""
+  correction = 1.0 - jnp.asarray(decay, jnp.float32) ** count.astype(
+      jnp.float32)
+  safe = jnp.where(count > 0, correction, 1.0)
+  return jax.tree.map(
+      lambda x: jnp.where(count > 0, x / safe.astype(x.dtype),
+                          jnp.zeros_like(x)), tree)
+
+
+def apply_penalty(updates: chex.ArrayTree, params: chex.ArrayTree,
+                  anchor: chex.ArrayTree, importance: chex.ArrayTree | None,
+                  strength) -> chex.ArrayTree:
+  """``g + strength * importance * (params - anchor)`` leafwise.
+
+  ``importance=None`` means an importance of one everywhere (L2 pull). The
+  result has the dtype of each update leaf.
+  """
+  def leaf(g, p, a, w=None):
+    pull = p.astype(a.dtype) - a
+    if w is not None:
+      pull = w * pull
+    return (g + strength * pull).astype(g.dtype)
+
+  if importance is None:
+    return jax.tree.map(leaf, updates, params, anchor)
+  return jax.tree.map(leaf, updates, params, anchor, importance)
+
+
+def streaming_importance(
+    fn: str,
+    state_cls: type,
+    signal: Callable[[jax.Array], jax.Array],
+    strength,
+    importance_decay,
+    anchor_decay,
+) -> optax.GradientTransformationExtraArgs:
+  """The task-free anchored penalty with an EMA importance (EWC/MAS forms).
+
+  With :math:`\\rho` = ``importance_decay``, :math:`\\alpha` =
+  ``anchor_decay``, :math:`s(g)` the per-element importance signal and
+  :math:`t` the step (1-based):
+
+  .. math::
+    g_\\text{out} = g_t + \\lambda \\hat\\Omega_{t-1} \\odot
+      (\\theta_t - \\bar\\theta_{t-1}),\\quad
+    \\Omega_t = \\rho \\Omega_{t-1} + (1 - \\rho) s(g_t),\\quad
+    \\hat\\Omega_t = \\Omega_t / (1 - \\rho^t),\\quad
+    \\bar\\theta_t = \\alpha \\bar\\theta_{t-1} + (1 - \\alpha) \\theta_t,
+
+  with :math:`\\Omega_0 = 0` (so :math:`\\hat\\Omega_0 = 0`) and
+  :math:`\\bar\\theta_0 = \\theta_0` (the params given to ``init``, so the
+  anchor needs no bias correction). The penalty uses the importance and
+  anchor from before the current step: a gradient is not evidence of its own
+  parameter's importance.
+
+  Args:
+    fn: public name, for error messages.
+    state_cls: the NamedTuple with fields ``count``, ``importance``,
+      ``anchor``.
+    signal: elementwise importance signal of a gradient leaf.
+    strength: :math:`\\lambda`.
+    importance_decay: :math:`\\rho`.
+    anchor_decay: :math:`\\alpha`.
+
+  Returns:
+    The transformation.
+  """
+  check_range(fn, "strength", strength, 0.0, float("inf"))
+  check_range(fn, "importance_decay", importance_decay, 0.0, 1.0,
+              high_open=True)
+  check_range(fn, "anchor_decay", anchor_decay, 0.0, 1.0, high_open=True)
+
+  def init_fn(params):
+    return state_cls(count=jnp.zeros((), jnp.int32),
+                     importance=zeros_like_state(params),
+                     anchor=copy_as_state(params))
+
+  def update_fn(updates, state, params=None, **extra_args):
+    del extra_args
+    check_params(updates, params)
+    importance = debias(state.importance, importance_decay, state.count)
+    out = apply_penalty(updates, params, state.anchor, importance, strength)
+    signals = jax.tree.map(
+        lambda g, o: signal(g.astype(o.dtype)), updates, state.importance)
+    new_state = state_cls(
+        count=state.count + 1,
+        importance=ema(state.importance, signals, importance_decay),
+        anchor=ema(state.anchor, params, anchor_decay),
+    )
+    return out, new_state
+
+  return optax.GradientTransformationExtraArgs(init_fn, update_fn)
