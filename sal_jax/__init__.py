@@ -12,6 +12,7 @@ from sal_jax._estimators import StabilityEstimator
 from sal_jax._estimators import get_estimator
 from sal_jax._estimators import reference_estimator
 from sal_jax._gates import GATES
+from sal_jax._gates import apply_factor
 from sal_jax._gates import get_gate
 from sal_jax._gates import hard_gate
 from sal_jax._gates import linear_gate
@@ -70,6 +71,7 @@ __version__ = "0.1.0"
 __all__ = (
     "ESTIMATORS",
     "GATES",
+    "apply_factor",
     "ProtectState",
     "ReferenceEstimatorState",
     "StabilityEstimator",

@@ -33,9 +33,15 @@ class StabilityEstimator(NamedTuple):
   ``raw_scores`` has the tree structure of ``params``; each leaf is a float32
   scalar (leaf granularity) or a float32 array shaped like the parameter
   (element granularity), with values in ``[0, 1]``.
+
+  ``restoring_force(state, params)``, when given, returns a tree like
+  ``params`` that :func:`sal_jax.protect` adds to the update (scaled by its
+  ``restore`` argument), e.g. a pull back toward settled values.
   """
   init: EstimatorInitFn
   update: EstimatorUpdateFn
+  restoring_force: Callable[[Any, chex.ArrayTree], chex.ArrayTree] | None = (
+      None)
 
 
 class ReferenceEstimatorState(NamedTuple):

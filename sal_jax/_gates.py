@@ -129,3 +129,65 @@ def stability_gate(
   score = jnp.asarray(stability_score, jnp.float32)
   factor = _STABILITY_GATE_TYPES[gate_type](score, threshold, steepness)
   return (gradient * factor).astype(gradient.dtype)
+
+
+def apply_factor(
+    update: jax.Array,
+    factor: jax.Array,
+    step: jax.Array,
+    preserve_rms: bool = False,
+) -> jax.Array:
+  r"""Applies a gate factor to an update, optionally keeping its RMS.
+
+  Plain gating returns :math:`f g`. Scale-invariant optimizers (Adam,
+  RMSProp, Adafactor, ...) divide by a running RMS of their input, so a
+  factor that changes slowly is undone once that RMS has adapted. With
+  ``preserve_rms`` the gated signal is completed by a zero-mean dither of
+  the missing energy,
+
+  .. math::
+    h = f g + \sqrt{1 - f^2} \, \epsilon_t |g|, \qquad
+    \epsilon_t = \pm 1 \text{ alternating with the step and the entry,}
+
+  so that :math:`E[h^2] = g^2` while :math:`E[h] = f\,E[g]`: the optimizer's
+  normalizer stays that of the raw gradient and the step it takes shrinks by
+  :math:`f`, for as long as the factor holds. With momentum the dither is
+  averaged away (a bounded oscillation, no drift).
+
+  Args:
+    update: the update to gate.
+    factor: gate factor in ``[0, 1]``, broadcastable to ``update``.
+    step: the step count (int); sets the dither's sign.
+    preserve_rms: whether to add the energy-preserving dither.
+
+  Returns:
+    The gated update, same shape and dtype as ``update``.
+
+  Examples:
+    >>> import jax.numpy as jnp
+    >>> from sal_jax._gates import apply_factor
+    >>> g = jnp.array([2.0, 2.0])
+    >>> apply_factor(g, 0.5, 0)
+    Array([1., 1.], dtype=float32)
+    >>> h0 = apply_factor(g, 0.6, 0, preserve_rms=True)
+    >>> h1 = apply_factor(g, 0.6, 1, preserve_rms=True)
+    >>> (h0 + h1) / 2, jnp.sqrt((h0**2 + h1**2) / 2)  # mean f*g, RMS |g|
+    (Array([1.2, 1.2], dtype=float32), Array([2., 2.], dtype=float32))
+
+  References:
+    Kingma & Ba, "Adam: A Method for Stochastic Optimization", ICLR 2015
+    (the per-parameter normalization this gate is built to survive).
+  """
+  factor = jnp.asarray(factor, jnp.float32)
+  g = update.astype(jnp.float32)
+  out = factor * g
+  if preserve_rms:
+    # Neighbouring entries take opposite signs so that the dither does not
+    # move whole tensors in phase.
+    parity = jnp.zeros(jnp.shape(g), jnp.int32)
+    if g.ndim:
+      parity = jax.lax.broadcasted_iota(jnp.int32, g.shape, g.ndim - 1)
+    sign = jnp.where((parity + step) % 2 == 0, 1.0, -1.0)
+    residual = jnp.sqrt(jnp.clip(1.0 - jnp.square(factor), 0.0, 1.0))
+    out = out + residual * sign * jnp.abs(g)
+  return out.astype(update.dtype)

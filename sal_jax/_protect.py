@@ -82,6 +82,8 @@ def protect(
     initial_score: float = 0.5,
     threshold_range: tuple[float, float] = (0.1, 0.9),
     steepness: float = _gates.DEFAULT_STEEPNESS,
+    preserve_rms: bool = False,
+    restore: chex.Numeric | None = None,
 ) -> optax.GradientTransformationExtraArgs:
   r"""Scales down the updates of settled parameters (Self-Alignment Learning).
 
@@ -130,6 +132,15 @@ def protect(
     initial_score: the score every unit starts from.
     threshold_range: the clip range of the adapted threshold.
     steepness: steepness of the ``"sigmoid"`` gate.
+    preserve_rms: keep each entry's RMS while the gate scales its mean (see
+      :func:`sal_jax.apply_factor`). Set it when ``protect`` sits in front
+      of a scale-invariant optimizer such as ``optax.adam(w)``, which would
+      otherwise undo a slowly varying gate within ~``1 / (1 - b2)`` steps.
+    restore: strength :math:`\lambda` of a restoring pull
+      :math:`\lambda F(\theta)` added to the gated update, where
+      :math:`F` is the estimator's ``restoring_force`` (e.g. a pull of
+      settled parameters back toward the value they settled at). Only for
+      estimators that define one; ``None`` adds nothing.
 
   Returns:
     An ``optax.GradientTransformationExtraArgs`` whose ``update`` requires
@@ -165,6 +176,12 @@ def protect(
     raise ValueError(
         "sal_jax.protect: threshold_range must satisfy 0 <= low <= high <= 1,"
         f" got {threshold_range!r}.")
+  _check_in_range("restore", restore, 0.0, float("inf"))
+  restore_strength = restore
+  if restore is not None and stability.restoring_force is None:
+    raise ValueError(
+        "sal_jax.protect: restore needs an estimator with a restoring force; "
+        f"{estimator!r} has none.")
   dtype = jnp.dtype(jnp.float32 if state_dtype is None else state_dtype)
   if not jnp.issubdtype(dtype, jnp.floating):
     raise ValueError(
@@ -224,11 +241,17 @@ def protect(
         m_sum, m_sq_sum, max(m_count, 1), threshold, threshold_adaptation,
         low, high, state.threshold)
 
-    def gate_leaf(g, s):
-      factor = gate_fn(s.astype(jnp.float32), new_threshold, steepness)
-      return (g * factor).astype(g.dtype)
-
-    gated = jax.tree.map(gate_leaf, updates, scores)
+    factors = jax.tree.map(
+        lambda s: gate_fn(s.astype(jnp.float32), new_threshold, steepness),
+        scores)
+    gated = jax.tree.map(
+        lambda g, f: _gates.apply_factor(g, f, state.count, preserve_rms),
+        updates, factors)
+    if restore_strength is not None:
+      force = stability.restoring_force(estimator_state, params)
+      gated = jax.tree.map(
+          lambda h, r: (h + restore_strength * r).astype(h.dtype), gated,
+          force)
 
     def rate(g_in, g_out):
       norm_in = jnp.sqrt(jnp.sum(jnp.square(g_in.astype(jnp.float32))))
@@ -236,10 +259,11 @@ def protect(
       safe = jnp.where(norm_in > _NORM_EPS, norm_in, 1.0)
       return jnp.where(norm_in > _NORM_EPS, 1.0 - norm_out / safe, 0.0)
 
-    gated_stats = gated
-    if axis_name is not None:
-      gated_stats = jax.tree.map(gate_leaf, stats_updates, scores)
-    rates = jax.tree.map(rate, stats_updates, gated_stats)
+    # The rate measures the gated mean signal f*g (what the optimizer's step
+    # shrinks by), not the dither or the restoring pull.
+    rates = jax.tree.map(
+        lambda g, f: rate(g, g.astype(jnp.float32) * f), stats_updates,
+        factors)
     rate_leaves = jax.tree.leaves(rates)
     step_rate = (sum(rate_leaves) / len(rate_leaves) if rate_leaves
                  else jnp.zeros((), jnp.float32))
