@@ -65,6 +65,19 @@ from sal_jax._seeds import save_seed
 from sal_jax._similarity import cosine_similarity
 from sal_jax._similarity import weight_distance
 # -- end filters / utilities exports --
+# -- emergence exports --
+from sal_jax._emergence import EmergenceFieldState
+from sal_jax._emergence import EmergenceState
+from sal_jax._emergence import coherence_score
+from sal_jax._emergence import detect_emergence
+from sal_jax._emergence import emergence_history_size
+from sal_jax._emergence import emergence_init
+from sal_jax._emergence import emergence_rate
+from sal_jax._emergence import emergence_state
+from sal_jax._emergence import novelty_score
+from sal_jax._emergence import observe
+from sal_jax._emergence import resonance_measure
+# -- end emergence exports --
 
 __version__ = "0.1.0"
 
@@ -128,4 +141,17 @@ __all__ = (
     "save_seed",
     "weight_distance",
     # -- end filters / utilities names --
+    # -- emergence names --
+    "EmergenceFieldState",
+    "EmergenceState",
+    "coherence_score",
+    "detect_emergence",
+    "emergence_history_size",
+    "emergence_init",
+    "emergence_rate",
+    "emergence_state",
+    "novelty_score",
+    "observe",
+    "resonance_measure",
+    # -- end emergence names --
 )

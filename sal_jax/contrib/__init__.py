@@ -21,6 +21,22 @@ from sal_jax.contrib._upgd import UpgdState
 from sal_jax.contrib._upgd import upgd
 # -- end baselines exports --
 # -- psc exports --
+from sal_jax.contrib._psc import CascadeState
+from sal_jax.contrib._psc import LineageStats
+from sal_jax.contrib._psc import PulseStatus
+from sal_jax.contrib._psc import best_lineage
+from sal_jax.contrib._psc import cascade_init
+from sal_jax.contrib._psc import cascade_initiate
+from sal_jax.contrib._psc import cascade_lineages
+from sal_jax.contrib._psc import cascade_statistics
+from sal_jax.contrib._psc import cascade_step
+from sal_jax.contrib._psc import emerge
+from sal_jax.contrib._psc import emergence_select
+from sal_jax.contrib._psc import lineage_members
+from sal_jax.contrib._psc import pulse_can_split
+from sal_jax.contrib._psc import pulse_fitness
+from sal_jax.contrib._psc import pulse_is_viable
+from sal_jax.contrib._psc import viable_pulses
 # -- end psc exports --
 
 __all__ = (
@@ -41,5 +57,21 @@ __all__ = (
     "upgd",
     # -- end baselines names --
     # -- psc names --
+    "CascadeState",
+    "LineageStats",
+    "PulseStatus",
+    "best_lineage",
+    "cascade_init",
+    "cascade_initiate",
+    "cascade_lineages",
+    "cascade_statistics",
+    "cascade_step",
+    "emerge",
+    "emergence_select",
+    "lineage_members",
+    "pulse_can_split",
+    "pulse_fitness",
+    "pulse_is_viable",
+    "viable_pulses",
     # -- end psc names --
 )
