@@ -28,11 +28,11 @@ from sal_jax._tree_utils import tree_norm
 # -- analyzer / spectrum / drift exports --
 from sal_jax._analyzer import NEUTRAL
 from sal_jax._analyzer import PROTECTED
-from sal_jax._analyzer import RunningAnalyzerState
+from sal_jax._running_analyzer import RunningAnalyzerState
 from sal_jax._analyzer import STATE_NAMES
 from sal_jax._analyzer import StabilityAnalyzer
 from sal_jax._analyzer import VOLATILE
-from sal_jax._analyzer import WindowedAnalyzerState
+from sal_jax._windowed_analyzer import WindowedAnalyzerState
 from sal_jax._analyzer import analyzer_init
 from sal_jax._analyzer import analyzer_scores
 from sal_jax._analyzer import analyzer_update
@@ -51,11 +51,11 @@ from sal_jax._ema import ema_init
 from sal_jax._ema import ema_reset
 from sal_jax._ema import ema_update
 from sal_jax._ema import exponential_moving_average
-from sal_jax._filters import AdaptiveFilterState
-from sal_jax._filters import adaptive_filter_adapt
-from sal_jax._filters import adaptive_filter_init
-from sal_jax._filters import adaptive_filter_masks
-from sal_jax._filters import adaptive_filter_update
+from sal_jax._adaptive_filter import AdaptiveFilterState
+from sal_jax._adaptive_filter import adaptive_filter_adapt
+from sal_jax._adaptive_filter import adaptive_filter_init
+from sal_jax._adaptive_filter import adaptive_filter_masks
+from sal_jax._adaptive_filter import adaptive_filter_update
 from sal_jax._filters import frequency_filter
 from sal_jax._filters import gradient_magnitude_filter
 from sal_jax._filters import low_change_mask
@@ -67,16 +67,16 @@ from sal_jax._similarity import weight_distance
 # -- end filters / utilities exports --
 # -- emergence exports --
 from sal_jax._emergence import EmergenceFieldState
-from sal_jax._emergence import EmergenceState
-from sal_jax._emergence import coherence_score
-from sal_jax._emergence import detect_emergence
+from sal_jax._emergence_scores import EmergenceState
+from sal_jax._emergence_scores import coherence_score
+from sal_jax._emergence_scores import detect_emergence
 from sal_jax._emergence import emergence_history_size
 from sal_jax._emergence import emergence_init
 from sal_jax._emergence import emergence_rate
-from sal_jax._emergence import emergence_state
-from sal_jax._emergence import novelty_score
+from sal_jax._emergence_scores import emergence_state
+from sal_jax._emergence_scores import novelty_score
 from sal_jax._emergence import observe
-from sal_jax._emergence import resonance_measure
+from sal_jax._emergence_scores import resonance_measure
 # -- end emergence exports --
 
 __version__ = "0.1.0"

@@ -21,22 +21,22 @@ from sal_jax.contrib._upgd import UpgdState
 from sal_jax.contrib._upgd import upgd
 # -- end baselines exports --
 # -- psc exports --
-from sal_jax.contrib._psc import CascadeState
-from sal_jax.contrib._psc import LineageStats
-from sal_jax.contrib._psc import PulseStatus
-from sal_jax.contrib._psc import best_lineage
+from sal_jax.contrib._psc_pulses import CascadeState
+from sal_jax.contrib._psc_lineage import LineageStats
+from sal_jax.contrib._psc_pulses import PulseStatus
+from sal_jax.contrib._psc_lineage import best_lineage
 from sal_jax.contrib._psc import cascade_init
 from sal_jax.contrib._psc import cascade_initiate
-from sal_jax.contrib._psc import cascade_lineages
-from sal_jax.contrib._psc import cascade_statistics
+from sal_jax.contrib._psc_lineage import cascade_lineages
+from sal_jax.contrib._psc_lineage import cascade_statistics
 from sal_jax.contrib._psc import cascade_step
-from sal_jax.contrib._psc import emerge
-from sal_jax.contrib._psc import emergence_select
-from sal_jax.contrib._psc import lineage_members
-from sal_jax.contrib._psc import pulse_can_split
-from sal_jax.contrib._psc import pulse_fitness
-from sal_jax.contrib._psc import pulse_is_viable
-from sal_jax.contrib._psc import viable_pulses
+from sal_jax.contrib._psc_emerge import emerge
+from sal_jax.contrib._psc_emerge import emergence_select
+from sal_jax.contrib._psc_lineage import lineage_members
+from sal_jax.contrib._psc_pulses import pulse_can_split
+from sal_jax.contrib._psc_pulses import pulse_fitness
+from sal_jax.contrib._psc_pulses import pulse_is_viable
+from sal_jax.contrib._psc_pulses import viable_pulses
 # -- end psc exports --
 
 __all__ = (
