@@ -6,10 +6,12 @@ emerged, as a pure functional ``optax.GradientTransformation``::
   tx = optax.chain(sal.protect(), optax.adamw(1e-3))
 """
 
-from sal_jax._estimators import ESTIMATORS
+from sal_jax._consolidation import ConsolidationState
+from sal_jax._consolidation import consolidation_estimator
+from sal_jax._estimator_registry import ESTIMATORS
+from sal_jax._estimator_registry import get_estimator
 from sal_jax._estimators import ReferenceEstimatorState
 from sal_jax._estimators import StabilityEstimator
-from sal_jax._estimators import get_estimator
 from sal_jax._estimators import reference_estimator
 from sal_jax._gates import GATES
 from sal_jax._gates import apply_factor
@@ -82,12 +84,14 @@ from sal_jax._emergence_scores import resonance_measure
 __version__ = "0.1.0"
 
 __all__ = (
+    "ConsolidationState",
     "ESTIMATORS",
     "GATES",
     "apply_factor",
     "ProtectState",
     "ReferenceEstimatorState",
     "StabilityEstimator",
+    "consolidation_estimator",
     "find_protect_states",
     "get_estimator",
     "get_gate",

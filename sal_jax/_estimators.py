@@ -6,8 +6,8 @@ An estimator is a pair of pure functions. ``init(params)`` builds its state;
 :func:`sal_jax.protect` transformation smooths the raw scores with an EMA,
 adapts its threshold and gates the updates; estimators only measure.
 
-Estimators are looked up by name with :func:`get_estimator`, so
-``protect(estimator="reference")`` and future estimators plug in the same
+Estimators are looked up by name (see :mod:`sal_jax._estimator_registry`),
+so ``protect(estimator="reference")`` and other estimators plug in the same
 way; a :class:`StabilityEstimator` instance may also be passed directly.
 """
 
@@ -37,11 +37,15 @@ class StabilityEstimator(NamedTuple):
   ``restoring_force(state, params)``, when given, returns a tree like
   ``params`` that :func:`sal_jax.protect` adds to the update (scaled by its
   ``restore`` argument), e.g. a pull back toward settled values.
+
+  ``granularity`` (``"leaf"`` or ``"element"``) says which shape the raw
+  scores have; :func:`sal_jax.protect` follows it.
   """
   init: EstimatorInitFn
   update: EstimatorUpdateFn
   restoring_force: Callable[[Any, chex.ArrayTree], chex.ArrayTree] | None = (
       None)
+  granularity: str = "leaf"
 
 
 class ReferenceEstimatorState(NamedTuple):
@@ -49,7 +53,8 @@ class ReferenceEstimatorState(NamedTuple):
   previous_params: chex.ArrayTree
 
 
-def _validate_granularity(granularity: str) -> None:
+def validate_granularity(granularity: str) -> None:
+  """Raises ``ValueError`` for an unknown granularity."""
   if granularity not in GRANULARITIES:
     raise ValueError(
         f"sal_jax: unknown granularity {granularity!r}; expected one of "
@@ -99,7 +104,7 @@ def reference_estimator(
   References:
     The original SAL library, ``sal.communication.CommunicationLayer``.
   """
-  _validate_granularity(granularity)
+  validate_granularity(granularity)
 
   def init_fn(params):
     # A copy, so that a donated params buffer cannot alias the state.
@@ -123,23 +128,4 @@ def reference_estimator(
         state.previous_params)
     return raw, ReferenceEstimatorState(previous_params=new_prev)
 
-  return StabilityEstimator(init_fn, update_fn)
-
-
-# name -> factory(granularity) -> StabilityEstimator
-ESTIMATORS: dict[str, Callable[..., StabilityEstimator]] = {
-    "reference": reference_estimator,
-}
-
-
-def get_estimator(estimator: str | StabilityEstimator,
-                  granularity: str = "leaf") -> StabilityEstimator:
-  """Resolves an estimator name (or passes an instance through)."""
-  _validate_granularity(granularity)
-  if isinstance(estimator, StabilityEstimator):
-    return estimator
-  if isinstance(estimator, str) and estimator in ESTIMATORS:
-    return ESTIMATORS[estimator](granularity=granularity)
-  raise ValueError(
-      f"sal_jax: unknown estimator {estimator!r}; expected one of "
-      f"{sorted(ESTIMATORS)} or a StabilityEstimator.")
+  return StabilityEstimator(init_fn, update_fn, None, granularity)

@@ -10,6 +10,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from sal_jax import _estimator_registry
 from sal_jax import _estimators
 from sal_jax import _gates
 from sal_jax import _tree_utils
@@ -59,6 +60,15 @@ def _check_in_range(name: str, value: Any, low: float, high: float,
         f"got {value!r}.")
 
 
+def _check_score_shapes(raw, scores, granularity) -> None:
+  for r, s in zip(jax.tree.leaves(raw), jax.tree.leaves(scores)):
+    if jnp.shape(r) != jnp.shape(s):
+      raise ValueError(
+          f"sal_jax.protect: the estimator returned scores of shape "
+          f"{jnp.shape(r)} where granularity {granularity!r} needs "
+          f"{jnp.shape(s)}; set the estimator's granularity to match.")
+
+
 def _adapt_threshold(magnitudes_sum, magnitudes_sq_sum, count, base,
                      adaptation, low, high, previous):
   """``clip(base + adaptation * std / (mean + eps), low, high)``."""
@@ -74,7 +84,7 @@ def protect(
     threshold_adaptation: chex.Numeric = 0.1,
     gate: str = "soft",
     score_ema: chex.Numeric = 0.3,
-    granularity: str = "leaf",
+    granularity: str | None = None,
     estimator: str | _estimators.StabilityEstimator = "reference",
     axis_name: str | None = None,
     state_dtype: Any = None,
@@ -120,8 +130,9 @@ def protect(
       magnitudes raises the threshold.
     gate: ``"soft"``, ``"hard"``, ``"linear"`` or ``"sigmoid"``.
     score_ema: weight :math:`\beta \in (0, 1]` of the new raw score.
-    granularity: ``"leaf"`` (one score per parameter tensor) or
-      ``"element"`` (one score per entry).
+    granularity: ``"leaf"`` (one score per parameter tensor, the default)
+      or ``"element"`` (one score per entry). An estimator instance brings
+      its own; ``None`` follows it.
     estimator: name of a stability estimator (``"reference"``) or a
       :class:`~sal_jax.StabilityEstimator`.
     axis_name: under ``jax.pmap``, the mapped axis name. Pass it when the
@@ -165,7 +176,8 @@ def protect(
     The original SAL library, ``sal.communication.CommunicationLayer``.
   """
   gate_fn = _gates.get_gate(gate)
-  stability = _estimators.get_estimator(estimator, granularity)
+  stability = _estimator_registry.get_estimator(estimator, granularity)
+  granularity = stability.granularity
   _check_in_range("threshold", threshold, 0.0, 1.0)
   _check_in_range("threshold_adaptation", threshold_adaptation, 0.0,
                   float("inf"))
@@ -221,6 +233,7 @@ def protect(
 
     raw, estimator_state = stability.update(
         stats_updates, state.estimator_state, params)
+    _check_score_shapes(raw, state.scores, granularity)
     scores = jax.tree.map(
         lambda r, s: (score_ema * r + (1.0 - score_ema)
                       * s.astype(jnp.float32)).astype(dtype),
