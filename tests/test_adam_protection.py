@@ -102,3 +102,14 @@ def test_protection_rate_reports_the_gated_mean_signal():
 def test_restore_requires_an_estimator_with_a_force():
   with pytest.raises(ValueError, match="restoring force"):
     sal.protect(restore=1.0)
+
+
+def test_gate_after_scale_by_adam_scales_the_final_step():
+  """Placed after `scale_by_adam`, a plain gate acts on the final step."""
+  tx = optax.chain(optax.scale_by_adam(), _protect(),
+                   optax.scale_by_learning_rate(1e-3))
+  params, updates = _run(tx)
+  for lo, hi in WINDOWS:
+    assert _window_ratio(updates, lo, hi) < 0.2
+  drift = jnp.abs(params["protected"]).mean() / jnp.abs(params["free"]).mean()
+  np.testing.assert_allclose(drift, 0.1, atol=0.03)
