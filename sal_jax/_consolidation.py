@@ -135,7 +135,8 @@ def consolidation_estimator(
         importance=jax.tree.map(
             lambda p: jnp.zeros(jnp.shape(p) if per_element else (),
                                 jnp.float32), params),
-        anchor=jax.tree.map(lambda p: jnp.asarray(p, jnp.float32), params),
+        # A copy, so that donating the params cannot alias the state.
+        anchor=jax.tree.map(lambda p: jnp.array(p, jnp.float32), params),
     )
 
   def corrected_energy(state):

@@ -136,9 +136,10 @@ def protect(
     estimator: name of a stability estimator (``"reference"``) or a
       :class:`~sal_jax.StabilityEstimator`.
     axis_name: under ``jax.pmap``, the mapped axis name. Pass it when the
-      updates reaching ``protect`` are per-device (not yet averaged): the
-      statistics are then computed on the cross-device mean, so every replica
-      keeps the same state. Updates that are already averaged need none.
+      updates reaching ``protect`` are per-device (not yet averaged):
+      ``protect`` then averages them across devices (a ``pmean``) and gates
+      the mean, so every replica keeps the same state and returns the same
+      update. Updates that are already averaged need none.
     state_dtype: dtype of the scores and rates (default float32).
     initial_score: the score every unit starts from.
     threshold_range: the clip range of the adapted threshold.
@@ -201,8 +202,10 @@ def protect(
 
   def init_fn(params):
     def init_score(p):
-      shape = () if granularity == "leaf" else jnp.shape(p)
-      return jnp.full(shape, initial_score, dtype)
+      if granularity == "leaf":
+        return jnp.full((), initial_score, dtype)
+      # full_like keeps the param's sharding for per-element state.
+      return jnp.full_like(p, initial_score, dtype=dtype)
 
     return ProtectState(
         count=jnp.zeros((), jnp.int32),
@@ -226,13 +229,13 @@ def protect(
           f"({jax.tree.structure(state.protection_rates)} vs "
           f"{jax.tree.structure(params)}).")
 
-    finite = _tree_utils.tree_all_finite(updates)
-    stats_updates = updates
     if axis_name is not None:
-      stats_updates = jax.lax.pmean(updates, axis_name)
+      # Per-device updates: work on their cross-device mean, so that every
+      # replica computes the same statistics, state and output.
+      updates = jax.lax.pmean(updates, axis_name)
 
     raw, estimator_state = stability.update(
-        stats_updates, state.estimator_state, params)
+        updates, state.estimator_state, params)
     _check_score_shapes(raw, state.scores, granularity)
     scores = jax.tree.map(
         lambda r, s: (score_ema * r + (1.0 - score_ema)
@@ -240,16 +243,20 @@ def protect(
         raw, state.scores)
 
     # Threshold adaptation from the spread of update magnitudes.
+    norms = _tree_utils.leaf_norms(updates)
+    norm_leaves = jax.tree.leaves(norms)
+    m_sq_sum = sum(jnp.square(m) for m in norm_leaves)
     if granularity == "leaf":
-      magnitudes = jax.tree.leaves(_tree_utils.leaf_norms(stats_updates))
-      m_sum = sum(magnitudes)
-      m_sq_sum = sum(jnp.square(m) for m in magnitudes)
-      m_count = len(magnitudes)
+      m_sum = sum(norm_leaves)
+      m_count = len(norm_leaves)
     else:
-      leaves = [g.astype(jnp.float32) for g in jax.tree.leaves(stats_updates)]
-      m_sum = sum(jnp.sum(jnp.abs(g)) for g in leaves)
-      m_sq_sum = sum(jnp.sum(jnp.square(g)) for g in leaves)
+      leaves = jax.tree.leaves(updates)
+      m_sum = sum(jnp.sum(jnp.abs(g.astype(jnp.float32))) for g in leaves)
       m_count = sum(g.size for g in leaves)
+    # NaN or Inf anywhere reaches these sums; testing them avoids another
+    # pass over the updates.
+    finite = jnp.isfinite(jnp.asarray(m_sum)) & jnp.isfinite(
+        jnp.asarray(m_sq_sum))
     new_threshold = _adapt_threshold(
         m_sum, m_sq_sum, max(m_count, 1), threshold, threshold_adaptation,
         low, high, state.threshold)
@@ -266,17 +273,17 @@ def protect(
           lambda h, r: (h + restore_strength * r).astype(h.dtype), gated,
           force)
 
-    def rate(g_in, g_out):
-      norm_in = jnp.sqrt(jnp.sum(jnp.square(g_in.astype(jnp.float32))))
-      norm_out = jnp.sqrt(jnp.sum(jnp.square(g_out.astype(jnp.float32))))
+    def rate(g, f, norm_in):
+      if granularity == "leaf":
+        norm_out = jnp.abs(f) * norm_in  # f is one scalar for the leaf
+      else:
+        norm_out = jnp.sqrt(jnp.sum(jnp.square(g.astype(jnp.float32) * f)))
       safe = jnp.where(norm_in > _NORM_EPS, norm_in, 1.0)
       return jnp.where(norm_in > _NORM_EPS, 1.0 - norm_out / safe, 0.0)
 
     # The rate measures the gated mean signal f*g (what the optimizer's step
     # shrinks by), not the dither or the restoring pull.
-    rates = jax.tree.map(
-        lambda g, f: rate(g, g.astype(jnp.float32) * f), stats_updates,
-        factors)
+    rates = jax.tree.map(rate, updates, factors, norms)
     rate_leaves = jax.tree.leaves(rates)
     step_rate = (sum(rate_leaves) / len(rate_leaves) if rate_leaves
                  else jnp.zeros((), jnp.float32))

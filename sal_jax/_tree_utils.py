@@ -73,14 +73,6 @@ def leaf_norms(tree: chex.ArrayTree) -> chex.ArrayTree:
       lambda x: jnp.sqrt(jnp.sum(jnp.square(x.astype(jnp.float32)))), tree)
 
 
-def tree_all_finite(tree: chex.ArrayTree) -> jax.Array:
-  """Whether every entry of every leaf is finite (a boolean scalar)."""
-  leaves = jax.tree.leaves(tree)
-  if not leaves:
-    return jnp.array(True)
-  return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in leaves]))
-
-
 def tree_select(pred: jax.Array, on_true: chex.ArrayTree,
                 on_false: chex.ArrayTree) -> chex.ArrayTree:
   """Elementwise ``where`` of a scalar predicate over two like trees."""
