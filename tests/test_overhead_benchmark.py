@@ -1,0 +1,59 @@
+"""Smoke test: ``benchmarks/overhead.py --quick`` runs end to end and
+writes a complete JSON report (the numbers of a smoke run mean nothing)."""
+
+import json
+import os
+import pathlib
+import subprocess
+import sys
+import time
+
+import sal_jax as sal
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+
+def test_overhead_quick_runs_and_reports(tmp_path):
+  out = tmp_path / "overhead.json"
+  env = dict(os.environ)
+  # Faster compiles; a smoke run's timings are not looked at.
+  env["XLA_FLAGS"] = "--xla_backend_optimization_level=0"
+  start = time.perf_counter()
+  proc = subprocess.run(
+      [sys.executable, str(ROOT / "benchmarks" / "overhead.py"), "--quick",
+       "--out", str(out)],
+      capture_output=True, text=True, timeout=120, cwd=ROOT, env=env)
+  elapsed = time.perf_counter() - start
+  assert proc.returncode == 0, proc.stderr[-4000:]
+  assert elapsed < 60, f"--quick took {elapsed:.0f} s"
+  assert "| model | method | step ms | step ratio |" in proc.stdout
+  assert "GB/s" in proc.stdout and "targets" in proc.stdout
+
+  report = json.loads(out.read_text())
+  assert report["bandwidth"]["bytes_per_second"] > 0
+  models = report["results"]
+  assert set(models) == {"mlp_tiny", "transformer_tiny"}
+  mlp = models["mlp_tiny"]["methods"]
+  # Every registered estimator is measured, at both granularities.
+  for estimator in sal.ESTIMATORS:
+    assert f"sal:{estimator}:leaf" in mlp
+    assert f"sal:{estimator}:element:rms" in mlp
+  assert len(models["transformer_tiny"]["methods"]) == 2
+  for model in models.values():
+    param_bytes = model["param_bytes"]
+    assert param_bytes == 4 * model["parameters"]
+    adamw = model["methods"]["adamw"]
+    assert adamw["full_ratio"] == 1.0 and adamw["update_ratio"] == 1.0
+    assert adamw["state_bytes"] >= 2 * param_bytes  # mu and nu
+    for name, m in model["methods"].items():
+      for kind in ("full_step", "update"):
+        assert m[kind]["median_ms"] > 0 and m[kind]["n"] == 4, (name, kind)
+      assert m["min_update_bytes"] == 3 * param_bytes + 2 * m["state_bytes"]
+      assert m["update_bound_ms"] > 0 and m["update_over_bound"] > 0
+      if name.startswith("sal:reference:"):
+        # One copy of the params (+ scores with element granularity), plus
+        # a few scalars per leaf.
+        copies = 2 if ":element" in name else 1
+        assert copies <= m["extra_state_over_params"] < copies + 0.05
+  assert all({"target", "model", "method", "value", "met"} <= set(t)
+             for t in report["targets"])
