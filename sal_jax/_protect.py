@@ -190,7 +190,6 @@ def protect(
         "sal_jax.protect: threshold_range must satisfy 0 <= low <= high <= 1,"
         f" got {threshold_range!r}.")
   _check_in_range("restore", restore, 0.0, float("inf"))
-  restore_strength = restore
   if restore is not None and stability.restoring_force is None:
     raise ValueError(
         "sal_jax.protect: restore needs an estimator with a restoring force; "
@@ -267,10 +266,10 @@ def protect(
     gated = jax.tree.map(
         lambda g, f: _gates.apply_factor(g, f, state.count, preserve_rms),
         updates, factors)
-    if restore_strength is not None:
+    if restore is not None:
       force = stability.restoring_force(estimator_state, params)
       gated = jax.tree.map(
-          lambda h, r: (h + restore_strength * r).astype(h.dtype), gated,
+          lambda h, r: (h + restore * r).astype(h.dtype), gated,
           force)
 
     def rate(g, f, norm_in):

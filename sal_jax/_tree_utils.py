@@ -91,8 +91,3 @@ def tree_norm(tree: chex.ArrayTree) -> jax.Array:
 def parameter_count(tree: chex.ArrayTree) -> int:
   """Total number of entries over all leaves (a Python int)."""
   return int(sum(math.prod(jnp.shape(x)) for x in jax.tree.leaves(tree)))
-
-
-def num_leaves(tree: chex.ArrayTree) -> int:
-  """Number of array leaves (``optax.MaskedNode`` placeholders excluded)."""
-  return len(jax.tree.leaves(tree))
