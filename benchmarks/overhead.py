@@ -37,6 +37,14 @@ Run from the repository root::
   python benchmarks/overhead.py --quick     # smoke run: 2 tiny models, few
                                             # methods, few steps
   python benchmarks/overhead.py --models mlp_17m --methods sal:reference:leaf
+
+On CPU, XLA's default copy insertion copies every parameter that is read by
+more than one kernel and then updated in place (SAL's estimators read the
+params; AdamW alone reads them once), and each copy is a fresh buffer whose
+pages the kernel faults in. ``XLA_FLAGS`` is recorded with the results;
+compare with
+``XLA_FLAGS=--xla_cpu_copy_insertion_use_region_analysis=true``, which
+removes those copies.
 """
 
 from __future__ import annotations
@@ -445,7 +453,7 @@ def main(argv=None):
   print(f"{len(models)} models x {len(methods)} methods; {args.rounds} "
         f"rounds x {args.steps} steps per method (full step and update "
         f"alone), medians; device: {jax.devices()[0].device_kind}, "
-        f"{os.cpu_count()} CPUs")
+        f"{os.cpu_count()} CPUs; XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}")
   for m in models:
     print(f"  {m.name}: {m.description}, "
           f"{sal.parameter_count(m.params):,} parameters")
@@ -486,7 +494,8 @@ def main(argv=None):
                   "processor": platform.processor(),
                   "cpus": os.cpu_count(),
                   "device": str(jax.devices()[0].device_kind),
-                  "jax": jax.__version__, "optax": optax.__version__},
+                  "jax": jax.__version__, "optax": optax.__version__,
+                  "xla_flags": os.environ.get("XLA_FLAGS", "")},
       "methods": {name: desc for name, desc, _, _ in methods},
       "bandwidth": {"bytes_per_second": bytes_per_second,
                     "array_bytes": bandwidth.bytes_moved // 2,

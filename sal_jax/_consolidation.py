@@ -124,9 +124,14 @@ def consolidation_estimator(
         f"got {relative_importance!r}.")
   per_element = granularity == "element"
 
-  def unit_energy(g):
-    g2 = jnp.square(g.astype(jnp.float32))
-    return g2 if per_element else jnp.mean(g2)
+  def relative_energy(g, scale):
+    """``scale * g^2`` per unit (an entry, or the leaf's mean)."""
+    g = g.astype(jnp.float32)
+    if per_element:
+      # g (g scale), not g^2 scale: an elementwise g^2 shared with the
+      # squared-norm reductions would make XLA write it to a temporary.
+      return g * (g * scale)
+    return jnp.mean(jnp.square(g)) * scale
 
   def init_fn(params):
     return ConsolidationState(
@@ -155,8 +160,8 @@ def consolidation_estimator(
     energy = energy_decay * state.gradient_energy + (1 - energy_decay) * mean_sq
     energy_hat = energy / (1.0 - energy_decay ** count)
     increments = jax.tree.map(
-        lambda g: (1 - importance_decay) * unit_energy(g)
-        / (energy_hat + _TINY), updates)
+        lambda g: relative_energy(
+            g, (1 - importance_decay) / (energy_hat + _TINY)), updates)
     importance = jax.tree.map(lambda o, d: importance_decay * o + d,
                               state.importance, increments)
     anchor = jax.tree.map(

@@ -119,7 +119,9 @@ def reference_estimator(
         product = (jnp.sqrt(jnp.sum(jnp.square(motion)))
                    * jnp.sqrt(jnp.sum(jnp.square(g))))
       else:
-        product = jnp.abs(motion) * jnp.abs(g)
+        # |a b| == |a| |b| exactly; one abs keeps |g| from being shared
+        # with protect's sum of |g| (which would make XLA materialise it).
+        product = jnp.abs(motion * g)
       return 1.0 / (1.0 + product + eps)
 
     raw = jax.tree.map(leaf_score, updates, params, state.previous_params)

@@ -236,10 +236,6 @@ def protect(
     raw, estimator_state = stability.update(
         updates, state.estimator_state, params)
     _check_score_shapes(raw, state.scores, granularity)
-    scores = jax.tree.map(
-        lambda r, s: (score_ema * r + (1.0 - score_ema)
-                      * s.astype(jnp.float32)).astype(dtype),
-        raw, state.scores)
 
     # Threshold adaptation from the spread of update magnitudes.
     norms = _tree_utils.leaf_norms(updates)
@@ -253,55 +249,80 @@ def protect(
       m_sum = sum(jnp.sum(jnp.abs(g.astype(jnp.float32))) for g in leaves)
       m_count = sum(g.size for g in leaves)
     # NaN or Inf anywhere reaches these sums; testing them avoids another
-    # pass over the updates.
+    # pass over the updates. A non-finite step must not poison the state:
+    # every new state leaf below is selected against the old one, and the
+    # updates pass through untouched for apply_if_finite (or the user) to
+    # reject.
     finite = jnp.isfinite(jnp.asarray(m_sum)) & jnp.isfinite(
         jnp.asarray(m_sq_sum))
-    new_threshold = _adapt_threshold(
+    new_threshold = jnp.where(finite, _adapt_threshold(
         m_sum, m_sq_sum, max(m_count, 1), threshold, threshold_adaptation,
-        low, high, state.threshold)
+        low, high, state.threshold), state.threshold)
+    scores = jax.tree.map(
+        lambda r, s: jnp.where(
+            finite, score_ema * r + (1.0 - score_ema) * s.astype(jnp.float32),
+            s).astype(dtype),
+        raw, state.scores)
 
+    # The gate reads the selected scores (not a second copy of the new
+    # ones), so that XLA need not keep the raw scores alive; on a non-finite
+    # step its output is discarded anyway.
     factors = jax.tree.map(
         lambda s: gate_fn(s.astype(jnp.float32), new_threshold, steepness),
         scores)
-    gated = jax.tree.map(
-        lambda g, f: _gates.apply_factor(g, f, state.count, preserve_rms),
-        updates, factors)
-    if restore is not None:
-      force = stability.restoring_force(estimator_state, params)
-      gated = jax.tree.map(
-          lambda h, r: (h + restore * r).astype(h.dtype), gated,
-          force)
+    force = (stability.restoring_force(estimator_state, params)
+             if restore is not None else None)
 
-    def rate(g, f, norm_in):
+    def gate_leaf(g, f, r=None):
+      h = _gates.apply_factor(g, f, state.count, preserve_rms)
+      if r is not None:
+        h = (h + restore * r).astype(h.dtype)
+      return jnp.where(finite, h, g)
+
+    if force is None:
+      updates_out = jax.tree.map(gate_leaf, updates, factors)
+    else:
+      updates_out = jax.tree.map(gate_leaf, updates, factors, force)
+
+    def rate(g, f, s, norm_in):
       if granularity == "leaf":
         norm_out = jnp.abs(f) * norm_in  # f is one scalar for the leaf
       else:
+        # The factor is recomputed from the scores behind a barrier: were
+        # the factor array shared by this reduction and the gated update,
+        # XLA would write it to a full-size temporary.
+        s = jax.lax.optimization_barrier(s)
+        f = gate_fn(s.astype(jnp.float32), new_threshold, steepness)
         norm_out = jnp.sqrt(jnp.sum(jnp.square(g.astype(jnp.float32) * f)))
       safe = jnp.where(norm_in > _NORM_EPS, norm_in, 1.0)
       return jnp.where(norm_in > _NORM_EPS, 1.0 - norm_out / safe, 0.0)
 
     # The rate measures the gated mean signal f*g (what the optimizer's step
     # shrinks by), not the dither or the restoring pull.
-    rates = jax.tree.map(rate, updates, factors, norms)
+    rates = jax.tree.map(
+        lambda g, f, s, n, old: jnp.where(finite, rate(g, f, s, n),
+                                          old).astype(dtype),
+        updates, factors, scores, norms, state.protection_rates)
     rate_leaves = jax.tree.leaves(rates)
-    step_rate = (sum(rate_leaves) / len(rate_leaves) if rate_leaves
+    step_rate = (sum(r.astype(jnp.float32) for r in rate_leaves)
+                 / len(rate_leaves) if rate_leaves
                  else jnp.zeros((), jnp.float32))
-    count = state.count + 1
-    mean_rate = state.mean_protection_rate + (
-        step_rate - state.mean_protection_rate) / count.astype(jnp.float32)
+    count = state.count + finite.astype(jnp.int32)
+    mean_rate = jnp.where(
+        finite, state.mean_protection_rate + (
+            step_rate - state.mean_protection_rate)
+        / jnp.maximum(count, 1).astype(jnp.float32),
+        state.mean_protection_rate)
 
     new_state = ProtectState(
         count=count,
         threshold=new_threshold.astype(jnp.float32),
         scores=scores,
-        protection_rates=jax.tree.map(lambda r: r.astype(dtype), rates),
+        protection_rates=rates,
         mean_protection_rate=mean_rate.astype(jnp.float32),
-        estimator_state=estimator_state,
+        estimator_state=_tree_utils.tree_select(
+            finite, estimator_state, state.estimator_state),
     )
-    # A non-finite step must not poison the state: keep the old one and let
-    # the updates through for apply_if_finite (or the user) to reject.
-    new_state = _tree_utils.tree_select(finite, new_state, state)
-    updates_out = _tree_utils.tree_select(finite, gated, updates)
     return updates_out, new_state
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
