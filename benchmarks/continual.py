@@ -128,7 +128,8 @@ def main(argv=None) -> dict:
   results = {"settings": {
       "command": " ".join(sys.argv), "quick": args.quick,
       "seeds": args.seeds, "step_time_steps": args.step_time_steps,
-      "sal_new": cl_methods.SAL_NEW, "jax": jax.__version__,
+      "sal_new": {k: v if isinstance(v, (str, int, float)) else repr(v)
+                  for k, v in cl_methods.SAL_NEW.items()}, "jax": jax.__version__,
       "machine": f"{platform.machine()}, {jax.devices()[0].platform}"},
       "protocols": {}}
   with tqdm(total=len(protocols) * len(args.methods)) as progress:
