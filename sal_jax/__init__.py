@@ -25,6 +25,8 @@ from sal_jax._metrics import find_protect_states
 from sal_jax._metrics import metrics
 from sal_jax._protect import ProtectState
 from sal_jax._protect import protect
+from sal_jax._shift_consolidation import ShiftConsolidationState
+from sal_jax._shift_consolidation import shift_consolidation_estimator
 from sal_jax._tree_utils import parameter_count
 from sal_jax._tree_utils import tree_norm
 # -- analyzer / spectrum / drift exports --
@@ -90,6 +92,7 @@ __all__ = (
     "apply_factor",
     "ProtectState",
     "ReferenceEstimatorState",
+    "ShiftConsolidationState",
     "StabilityEstimator",
     "consolidation_estimator",
     "find_protect_states",
@@ -101,6 +104,7 @@ __all__ = (
     "parameter_count",
     "protect",
     "reference_estimator",
+    "shift_consolidation_estimator",
     "sigmoid_gate",
     "soft_gate",
     "stability_gate",

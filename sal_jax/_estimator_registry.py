@@ -6,11 +6,14 @@ from typing import Callable
 
 from sal_jax import _consolidation
 from sal_jax import _estimators
+from sal_jax import _shift_consolidation
 
 # name -> factory(granularity=...) -> StabilityEstimator
 ESTIMATORS: dict[str, Callable[..., _estimators.StabilityEstimator]] = {
     "consolidation": _consolidation.consolidation_estimator,
     "reference": _estimators.reference_estimator,
+    "shift_consolidation": (
+        _shift_consolidation.shift_consolidation_estimator),
 }
 
 

@@ -1,0 +1,253 @@
+"""The shift-consolidation estimator: consolidate what settled when a shift hits.
+
+Training on a stationary stream lets the gradient energy settle; when the
+data (or the task) shifts, the energy of the minibatch gradients jumps above
+its slow average. At that moment the parameters still hold what the previous
+regime built. This estimator watches the ratio of a fast to a slow average
+of the gradient energy and, at the onset of every such surprise, consolidates:
+the importance the parameters gathered so far is added to a consolidated
+importance, and the current parameters become the anchor. With
+``protect(restore=...)`` the consolidated parameters are pulled back toward
+that anchor, in proportion to their consolidated importance. It is a
+task-free form of online EWC: no task boundaries are given, they are
+detected from the gradients.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import chex
+import jax
+import jax.numpy as jnp
+
+from sal_jax import _estimators
+
+_TINY = 1e-30
+
+
+class ShiftConsolidationState(NamedTuple):
+  """State of :func:`shift_consolidation_estimator`.
+
+  Attributes:
+    count: steps taken, int32.
+    fast_energy: fast EMA (not bias-corrected) of the mean squared gradient
+      entry, float32.
+    slow_energy: slow EMA (not bias-corrected) of the same, float32.
+    shifted: whether the last step was inside a detected shift, bool.
+    consolidations: number of shifts detected so far, int32.
+    importance: EMA (not bias-corrected) of each unit's relative gradient
+      energy since the start; per element, or a scalar per leaf.
+    consolidated: the consolidated importance, shaped like ``importance``.
+    anchor: the params at the last consolidation (float32).
+  """
+  count: jax.Array
+  fast_energy: jax.Array
+  slow_energy: jax.Array
+  shifted: jax.Array
+  consolidations: jax.Array
+  importance: chex.ArrayTree
+  consolidated: chex.ArrayTree
+  anchor: chex.ArrayTree
+
+
+def _check_open_unit(name: str, value: float) -> None:
+  if not 0.0 < value < 1.0:
+    raise ValueError(
+        f"sal_jax.shift_consolidation_estimator: {name} must be in (0, 1), "
+        f"got {value!r}.")
+
+
+def shift_consolidation_estimator(
+    granularity: str = "leaf",
+    importance_decay: float = 0.99,
+    fast_decay: float = 0.9,
+    slow_decay: float = 0.99,
+    shift_ratio: float = 1.2,
+    release_ratio: float = 1.0,
+    warmup_steps: int = 10,
+    consolidation_decay: float = 1.0,
+    relative_importance: float = 1.0,
+) -> _estimators.StabilityEstimator:
+  r"""Stability as importance consolidated at detected distribution shifts.
+
+  With :math:`g` the update (gradient) and :math:`m_t` the mean of
+  :math:`g^2` over all entries, two EMAs of the gradient energy (decays
+  :math:`\beta_f` = ``fast_decay``, :math:`\beta_s` = ``slow_decay``,
+  bias-corrected :math:`\hat e_f, \hat e_s`) give the surprise ratio
+  :math:`\rho_t = \hat e_f / \hat e_s`. A shift starts when :math:`\rho_t`
+  rises above ``shift_ratio`` and lasts while it stays above
+  ``release_ratio`` (hysteresis; no shift in the first ``warmup_steps``).
+  Every unit :math:`i` keeps an importance (:math:`\gamma` =
+  ``importance_decay``; per leaf, the mean of :math:`g^2` over the leaf)
+
+  .. math::
+    \Omega_i \leftarrow \gamma \Omega_i + (1 - \gamma) g_i^2 / \hat e_s,
+
+  and at the first step of each shift consolidates
+
+  .. math::
+    \Omega^*_i \leftarrow \kappa \Omega^*_i + \hat\Omega_i, \qquad
+    \theta^*_i \leftarrow \theta_i,
+
+  with :math:`\hat\Omega` bias-corrected and :math:`\kappa` =
+  ``consolidation_decay``. The raw score and the restoring force are
+
+  .. math::
+    r_i = \frac{\Omega^*_i}{\Omega^*_i + c \operatorname{mean}(\Omega^*)},
+    \qquad F_i = \Omega^*_i \sqrt{\hat e_s} \, (\theta_i - \theta^*_i),
+
+  (:math:`c` = ``relative_importance``), so nothing is protected before the
+  first shift, and afterwards what the earlier regimes made important is
+  pulled back to where it stood when the shift came: the online EWC penalty
+  gradient :math:`\lambda F (\theta - \theta^*)` with the task boundaries
+  detected, in gradient units (:math:`\sqrt{\hat e_s}`).
+
+  Memory: the anchor (a float32 copy of the params) plus the importance and
+  the consolidated importance (two float32 copies at element granularity,
+  two scalars per leaf at leaf granularity).
+
+  Args:
+    granularity: ``"leaf"`` or ``"element"``.
+    importance_decay: :math:`\gamma \in (0, 1)`; the importance averages
+      about :math:`1 / (1 - \gamma)` steps.
+    fast_decay: :math:`\beta_f \in (0, 1)`, the fast energy average.
+    slow_decay: :math:`\beta_s \in (0, 1)`, the slow energy average (and the
+      gradient-energy normaliser); must exceed ``fast_decay``.
+    shift_ratio: :math:`\rho` above which a shift starts (> 1).
+    release_ratio: :math:`\rho` below which it ends (<= ``shift_ratio``).
+    warmup_steps: no shift is detected before this many steps.
+    consolidation_decay: :math:`\kappa \in [0, 1]`; 1 keeps every shift's
+      importance (online EWC with no forgetting of the penalty).
+    relative_importance: :math:`c > 0` of the raw score.
+
+  Returns:
+    A :class:`~sal_jax.StabilityEstimator` with a ``restoring_force``.
+
+  Raises:
+    ValueError: for hyperparameters outside their ranges.
+
+  Examples:
+    >>> import jax.numpy as jnp
+    >>> import sal_jax as sal
+    >>> est = sal.shift_consolidation_estimator(granularity="element")
+    >>> params = {"w": jnp.zeros(2)}
+    >>> state = est.init(params)
+    >>> for scale in [1.0] * 20 + [5.0]:  # the last step is a shift
+    ...   raw, state = est.update({"w": scale * jnp.ones(2)}, state, params)
+    >>> int(state.consolidations), bool(state.shifted)
+    (1, True)
+    >>> raw["w"]  # both entries carried the same share of the energy
+    Array([0.5, 0.5], dtype=float32)
+
+  References:
+    Kirkpatrick et al., "Overcoming catastrophic forgetting in neural
+    networks", PNAS 2017;
+    Schwarz et al., "Progress & Compress", ICML 2018 (online EWC);
+    Aljundi, Kelchtermans & Tuytelaars, "Task-Free Continual Learning",
+    CVPR 2019 (consolidating when the training signal shifts).
+  """
+  _estimators.validate_granularity(granularity)
+  for name, value in (("importance_decay", importance_decay),
+                      ("fast_decay", fast_decay), ("slow_decay", slow_decay)):
+    _check_open_unit(name, value)
+  if not fast_decay < slow_decay:
+    raise ValueError(
+        "sal_jax.shift_consolidation_estimator: fast_decay must be smaller "
+        f"than slow_decay, got {fast_decay!r} and {slow_decay!r}.")
+  if not 1.0 < shift_ratio:
+    raise ValueError(
+        "sal_jax.shift_consolidation_estimator: shift_ratio must be > 1, "
+        f"got {shift_ratio!r}.")
+  if not 0.0 < release_ratio <= shift_ratio:
+    raise ValueError(
+        "sal_jax.shift_consolidation_estimator: release_ratio must be in "
+        f"(0, shift_ratio], got {release_ratio!r}.")
+  if warmup_steps < 0:
+    raise ValueError(
+        "sal_jax.shift_consolidation_estimator: warmup_steps must be >= 0, "
+        f"got {warmup_steps!r}.")
+  if not 0.0 <= consolidation_decay <= 1.0:
+    raise ValueError(
+        "sal_jax.shift_consolidation_estimator: consolidation_decay must be "
+        f"in [0, 1], got {consolidation_decay!r}.")
+  if not relative_importance > 0.0:
+    raise ValueError(
+        "sal_jax.shift_consolidation_estimator: relative_importance must be "
+        f"> 0, got {relative_importance!r}.")
+  per_element = granularity == "element"
+
+  def relative_energy(g, scale):
+    g = g.astype(jnp.float32)
+    if per_element:
+      # g (g scale), not g^2 scale: an elementwise g^2 shared with the
+      # squared-norm reductions would make XLA write it to a temporary.
+      return g * (g * scale)
+    return jnp.mean(jnp.square(g)) * scale
+
+  def init_fn(params):
+    unit = lambda p: jnp.zeros(jnp.shape(p) if per_element else (),  # noqa: E731
+                               jnp.float32)
+    return ShiftConsolidationState(
+        count=jnp.zeros((), jnp.int32),
+        fast_energy=jnp.zeros((), jnp.float32),
+        slow_energy=jnp.zeros((), jnp.float32),
+        shifted=jnp.zeros((), jnp.bool_),
+        consolidations=jnp.zeros((), jnp.int32),
+        importance=jax.tree.map(unit, params),
+        consolidated=jax.tree.map(unit, params),
+        # A copy, so that donating the params cannot alias the state.
+        anchor=jax.tree.map(lambda p: jnp.array(p, jnp.float32), params),
+    )
+
+  def slow_hat(slow_energy, count):
+    return slow_energy / (1.0 - slow_decay ** jnp.maximum(count, 1))
+
+  def update_fn(updates, state, params):
+    count = state.count + 1
+    leaves = jax.tree.leaves(updates)
+    size = max(sum(g.size for g in leaves), 1)
+    mean_sq = sum(jnp.sum(jnp.square(g.astype(jnp.float32)))
+                  for g in leaves) / size
+    fast = fast_decay * state.fast_energy + (1 - fast_decay) * mean_sq
+    slow = slow_decay * state.slow_energy + (1 - slow_decay) * mean_sq
+    fast_hat = fast / (1.0 - fast_decay ** count)
+    energy_hat = slow_hat(slow, count)
+    ratio = fast_hat / (energy_hat + _TINY)
+    shifted = jnp.where(state.shifted, ratio > release_ratio,
+                        ratio > shift_ratio) & (count > warmup_steps)
+    onset = shifted & ~state.shifted
+
+    # Consolidate what was gathered before this step's gradient.
+    correction = 1.0 - importance_decay ** jnp.maximum(state.count, 1)
+    consolidated = jax.tree.map(
+        lambda c, o: jnp.where(onset, consolidation_decay * c
+                               + o / correction, c),
+        state.consolidated, state.importance)
+    anchor = jax.tree.map(
+        lambda a, p: jnp.where(onset, p.astype(jnp.float32), a),
+        state.anchor, params)
+    importance = jax.tree.map(
+        lambda o, g: importance_decay * o + relative_energy(
+            g, (1 - importance_decay) / (energy_hat + _TINY)),
+        state.importance, updates)
+    new_state = ShiftConsolidationState(
+        count=count, fast_energy=fast, slow_energy=slow, shifted=shifted,
+        consolidations=state.consolidations + onset.astype(jnp.int32),
+        importance=importance, consolidated=consolidated, anchor=anchor)
+
+    consolidated_leaves = jax.tree.leaves(consolidated)
+    mean = (sum(jnp.sum(c) for c in consolidated_leaves)
+            / max(sum(c.size for c in consolidated_leaves), 1))
+    raw = jax.tree.map(
+        lambda c: c / (c + relative_importance * mean + _TINY), consolidated)
+    return raw, new_state
+
+  def restoring_force(state, params):
+    scale = jnp.sqrt(slow_hat(state.slow_energy, state.count))
+    return jax.tree.map(
+        lambda c, p, a: c * scale * (p.astype(jnp.float32) - a),
+        state.consolidated, params, state.anchor)
+
+  return _estimators.StabilityEstimator(init_fn, update_fn, restoring_force,
+                                       granularity)
