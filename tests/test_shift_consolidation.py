@@ -10,7 +10,7 @@ import pytest
 import sal_jax as sal
 
 GAMMA, FAST, SLOW = 0.8, 0.5, 0.9  # short horizons keep the replay small
-SHIFT, RELEASE, WARMUP = 1.2, 1.0, 3
+SHIFT, RELEASE, WARMUP, Z = 1.2, 1.0, 3, 1.0
 
 
 def _numpy_reference(grads, params, granularity):
@@ -20,7 +20,7 @@ def _numpy_reference(grads, params, granularity):
   omega = {k: zeros(v) for k, v in params[0].items()}
   consolidated = {k: zeros(v) for k, v in params[0].items()}
   anchor = {k: np.asarray(v, np.float64) for k, v in params[0].items()}
-  fast = slow = 0.0
+  fast = slow = log_mean = log_sq = 0.0
   shifted, count, consolidations = False, 0, 0
   out = []
   for g, p in zip(grads, params):
@@ -32,7 +32,14 @@ def _numpy_reference(grads, params, granularity):
     e_fast = fast / (1 - FAST ** count)
     e_slow = slow / (1 - SLOW ** count)
     ratio = e_fast / e_slow
-    now = (ratio > RELEASE if shifted else ratio > SHIFT) and count > WARMUP
+    # Noise of the fast average from the log-energy spread of past steps.
+    prev = max(count - 1, 1)
+    mu, sq = log_mean / (1 - SLOW ** prev), log_sq / (1 - SLOW ** prev)
+    sigma = np.sqrt(max(sq - mu * mu, 0.0))
+    bar = max(SHIFT, np.exp(Z * sigma * np.sqrt((1 - FAST) / (1 + FAST))))
+    log_mean = SLOW * log_mean + (1 - SLOW) * np.log(m)
+    log_sq = SLOW * log_sq + (1 - SLOW) * np.log(m) ** 2
+    now = (ratio > RELEASE if shifted else ratio > bar) and count > WARMUP
     onset = now and not shifted
     shifted = now
     if onset:
@@ -50,14 +57,15 @@ def _numpy_reference(grads, params, granularity):
     raw = {k: consolidated[k] / (consolidated[k] + mean + 1e-30) for k in g}
     force = {k: consolidated[k] * np.sqrt(e_slow) * (p[k] - anchor[k])
              for k in g}
-    out.append((raw, force, consolidations, shifted))
+    out.append((raw, force, consolidations, shifted, bar))
   return out
 
 
 def _estimator(granularity):
   return sal.shift_consolidation_estimator(
       granularity, importance_decay=GAMMA, fast_decay=FAST, slow_decay=SLOW,
-      shift_ratio=SHIFT, release_ratio=RELEASE, warmup_steps=WARMUP)
+      shift_ratio=SHIFT, release_ratio=RELEASE, warmup_steps=WARMUP,
+      noise_multiplier=Z)
 
 
 def _gradient_scales():
@@ -80,7 +88,9 @@ def test_matches_numpy_replay(granularity):
   force_fn = jax.jit(est.restoring_force)
   expected = _numpy_reference(grads, params, granularity)
   assert expected[-1][2] >= 2  # the replay itself sees both shifts
-  for g, p, (raw_e, force_e, n_e, shifted_e) in zip(grads, params, expected):
+  assert max(e[4] for e in expected) > SHIFT  # and the noise bar acts
+  for g, p, (raw_e, force_e, n_e, shifted_e, _) in zip(grads, params,
+                                                       expected):
     raw, state = update(g, state, p)
     force = force_fn(state, p)
     assert int(state.consolidations) == n_e
@@ -196,6 +206,7 @@ def test_non_finite_step_keeps_the_state():
     dict(fast_decay=0.99, slow_decay=0.9), dict(shift_ratio=1.0),
     dict(release_ratio=1.5), dict(warmup_steps=-1),
     dict(consolidation_decay=1.5), dict(relative_importance=0.0),
+    dict(noise_multiplier=-1.0),
     dict(granularity="row"),
 ])
 def test_bad_hyperparameters_raise(kwargs):
