@@ -160,7 +160,7 @@ def plot(results, tasks, path):
     ax.legend(fontsize=8, loc="lower left")
   sal_run = results["sal + adamw"]
   axes[-1].plot(sal_run["rates"], lw=0.8)
-  axes[-1].set(title="SAL protection rate (1 - |g_out|/|g|, mean over leaves)",
+  axes[-1].set(title="reference SAL: protection rate (1 - |g_out|/|g|)",
               xlabel="step", ylabel="rate", ylim=(0, 1.02))
   fig.tight_layout()
   fig.savefig(path, dpi=110)

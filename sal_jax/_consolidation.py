@@ -20,6 +20,7 @@ import jax
 import jax.numpy as jnp
 
 from sal_jax import _estimators
+from sal_jax import _tree_utils
 
 _TINY = 1e-30
 
@@ -124,22 +125,12 @@ def consolidation_estimator(
         f"got {relative_importance!r}.")
   per_element = granularity == "element"
 
-  def relative_energy(g, scale):
-    """``scale * g^2`` per unit (an entry, or the leaf's mean)."""
-    g = g.astype(jnp.float32)
-    if per_element:
-      # g (g scale), not g^2 scale: an elementwise g^2 shared with the
-      # squared-norm reductions would make XLA write it to a temporary.
-      return g * (g * scale)
-    return jnp.mean(jnp.square(g)) * scale
-
   def init_fn(params):
     return ConsolidationState(
         count=jnp.zeros((), jnp.int32),
         gradient_energy=jnp.zeros((), jnp.float32),
         importance=jax.tree.map(
-            lambda p: jnp.zeros(jnp.shape(p) if per_element else (),
-                                jnp.float32), params),
+            lambda p: _tree_utils.unit_zeros(p, per_element), params),
         # A copy, so that donating the params cannot alias the state.
         anchor=jax.tree.map(lambda p: jnp.array(p, jnp.float32), params),
     )
@@ -153,15 +144,13 @@ def consolidation_estimator(
 
   def update_fn(updates, state, params):
     count = state.count + 1
-    leaves = jax.tree.leaves(updates)
-    size = sum(g.size for g in leaves)
-    mean_sq = sum(jnp.sum(jnp.square(g.astype(jnp.float32)))
-                  for g in leaves) / max(size, 1)
+    mean_sq = _tree_utils.mean_square(updates)
     energy = energy_decay * state.gradient_energy + (1 - energy_decay) * mean_sq
     energy_hat = energy / (1.0 - energy_decay ** count)
     increments = jax.tree.map(
-        lambda g: relative_energy(
-            g, (1 - importance_decay) / (energy_hat + _TINY)), updates)
+        lambda g: _tree_utils.unit_energy(
+            g, (1 - importance_decay) / (energy_hat + _TINY), per_element),
+        updates)
     importance = jax.tree.map(lambda o, d: importance_decay * o + d,
                               state.importance, increments)
     anchor = jax.tree.map(
@@ -169,21 +158,16 @@ def consolidation_estimator(
         state.anchor, params, increments, importance)
     new_state = ConsolidationState(count, energy, importance, anchor)
 
-    omega = corrected_importance(new_state)
-    omega_leaves = jax.tree.leaves(omega)
-    mean_omega = (sum(jnp.sum(o) for o in omega_leaves)
-                  / max(sum(o.size for o in omega_leaves), 1))
-    raw = jax.tree.map(
-        lambda o: o / (o + relative_importance * mean_omega + _TINY), omega)
+    raw = _estimators.relative_scores(corrected_importance(new_state),
+                                      relative_importance)
     return raw, new_state
 
   def restoring_force(state, params):
     # The importance is not bias-corrected here: the pull builds up over the
     # importance horizon, so a model is free to learn before it consolidates.
     scale = jnp.sqrt(corrected_energy(state))
-    return jax.tree.map(
-        lambda o, p, a: o * scale * (p.astype(jnp.float32) - a),
-        state.importance, params, state.anchor)
+    return _estimators.anchor_pull(state.importance, scale, params,
+                                   state.anchor)
 
   return _estimators.StabilityEstimator(init_fn, update_fn, restoring_force,
                                        granularity)

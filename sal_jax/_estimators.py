@@ -131,3 +131,26 @@ def reference_estimator(
     return raw, ReferenceEstimatorState(previous_params=new_prev)
 
   return StabilityEstimator(init_fn, update_fn, None, granularity)
+
+
+def relative_scores(importance: chex.ArrayTree,
+                    relative_importance: float) -> chex.ArrayTree:
+  """``o / (o + c mean(o))`` per unit, the mean over every unit of the tree.
+
+  A unit with the mean importance scores ``1 / (1 + c)``; one far above it
+  scores near 1. Used by the importance-based estimators.
+  """
+  leaves = jax.tree.leaves(importance)
+  mean = (sum(jnp.sum(o) for o in leaves)
+          / max(sum(o.size for o in leaves), 1))
+  return jax.tree.map(
+      lambda o: o / (o + relative_importance * mean + 1e-30), importance)
+
+
+def anchor_pull(weights: chex.ArrayTree, scale: jax.Array,
+                params: chex.ArrayTree,
+                anchor: chex.ArrayTree) -> chex.ArrayTree:
+  """``w * scale * (theta - anchor)`` per unit: a restoring force."""
+  return jax.tree.map(
+      lambda w, p, a: w * scale * (p.astype(jnp.float32) - a),
+      weights, params, anchor)

@@ -22,6 +22,7 @@ import jax
 import jax.numpy as jnp
 
 from sal_jax import _estimators
+from sal_jax import _tree_utils
 
 _TINY = 1e-30
 
@@ -197,17 +198,7 @@ def shift_consolidation_estimator(
   per_element = granularity == "element"
   fast_noise = ((1.0 - fast_decay) / (1.0 + fast_decay)) ** 0.5
 
-  def relative_energy(g, scale):
-    g = g.astype(jnp.float32)
-    if per_element:
-      # g (g scale), not g^2 scale: an elementwise g^2 shared with the
-      # squared-norm reductions would make XLA write it to a temporary.
-      return g * (g * scale)
-    return jnp.mean(jnp.square(g)) * scale
-
   def init_fn(params):
-    unit = lambda p: jnp.zeros(jnp.shape(p) if per_element else (),  # noqa: E731
-                               jnp.float32)
     return ShiftConsolidationState(
         count=jnp.zeros((), jnp.int32),
         fast_energy=jnp.zeros((), jnp.float32),
@@ -215,8 +206,10 @@ def shift_consolidation_estimator(
         log_energy=jnp.zeros((2,), jnp.float32),
         shifted=jnp.zeros((), jnp.bool_),
         consolidations=jnp.zeros((), jnp.int32),
-        importance=jax.tree.map(unit, params),
-        consolidated=jax.tree.map(unit, params),
+        importance=jax.tree.map(
+            lambda p: _tree_utils.unit_zeros(p, per_element), params),
+        consolidated=jax.tree.map(
+            lambda p: _tree_utils.unit_zeros(p, per_element), params),
         # A copy, so that donating the params cannot alias the state.
         anchor=jax.tree.map(lambda p: jnp.array(p, jnp.float32), params),
     )
@@ -226,10 +219,7 @@ def shift_consolidation_estimator(
 
   def update_fn(updates, state, params):
     count = state.count + 1
-    leaves = jax.tree.leaves(updates)
-    size = max(sum(g.size for g in leaves), 1)
-    mean_sq = sum(jnp.sum(jnp.square(g.astype(jnp.float32)))
-                  for g in leaves) / size
+    mean_sq = _tree_utils.mean_square(updates)
     fast = fast_decay * state.fast_energy + (1 - fast_decay) * mean_sq
     slow = slow_decay * state.slow_energy + (1 - slow_decay) * mean_sq
     fast_hat = fast / (1.0 - fast_decay ** count)
@@ -259,8 +249,8 @@ def shift_consolidation_estimator(
         lambda a, p: jnp.where(onset, p.astype(jnp.float32), a),
         state.anchor, params)
     importance = jax.tree.map(
-        lambda o, g: importance_decay * o + relative_energy(
-            g, (1 - importance_decay) / (energy_hat + _TINY)),
+        lambda o, g: importance_decay * o + _tree_utils.unit_energy(
+            g, (1 - importance_decay) / (energy_hat + _TINY), per_element),
         state.importance, updates)
     new_state = ShiftConsolidationState(
         count=count, fast_energy=fast, slow_energy=slow,
@@ -268,18 +258,13 @@ def shift_consolidation_estimator(
         consolidations=state.consolidations + onset.astype(jnp.int32),
         importance=importance, consolidated=consolidated, anchor=anchor)
 
-    consolidated_leaves = jax.tree.leaves(consolidated)
-    mean = (sum(jnp.sum(c) for c in consolidated_leaves)
-            / max(sum(c.size for c in consolidated_leaves), 1))
-    raw = jax.tree.map(
-        lambda c: c / (c + relative_importance * mean + _TINY), consolidated)
+    raw = _estimators.relative_scores(consolidated, relative_importance)
     return raw, new_state
 
   def restoring_force(state, params):
     scale = jnp.sqrt(slow_hat(state.slow_energy, state.count))
-    return jax.tree.map(
-        lambda c, p, a: c * scale * (p.astype(jnp.float32) - a),
-        state.consolidated, params, state.anchor)
+    return _estimators.anchor_pull(state.consolidated, scale, params,
+                                   state.anchor)
 
   return _estimators.StabilityEstimator(init_fn, update_fn, restoring_force,
                                        granularity)

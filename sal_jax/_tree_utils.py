@@ -91,3 +91,27 @@ def tree_norm(tree: chex.ArrayTree) -> jax.Array:
 def parameter_count(tree: chex.ArrayTree) -> int:
   """Total number of entries over all leaves (a Python int)."""
   return int(sum(math.prod(jnp.shape(x)) for x in jax.tree.leaves(tree)))
+
+
+def mean_square(tree: chex.ArrayTree) -> jax.Array:
+  """Mean of the squared entries over all leaves (float32 scalar)."""
+  leaves = jax.tree.leaves(tree)
+  size = max(sum(x.size for x in leaves), 1)
+  return sum(jnp.sum(jnp.square(x.astype(jnp.float32)))
+             for x in leaves) / size
+
+
+def unit_energy(g: jax.Array, scale: jax.Array,
+                per_element: bool) -> jax.Array:
+  """``scale * g^2`` per unit: each entry, or the leaf's mean (a scalar)."""
+  g = g.astype(jnp.float32)
+  if per_element:
+    # g (g scale), not g^2 scale: an elementwise g^2 shared with the
+    # squared-norm reductions would make XLA write it to a temporary.
+    return g * (g * scale)
+  return jnp.mean(jnp.square(g)) * scale
+
+
+def unit_zeros(p: jax.Array, per_element: bool) -> jax.Array:
+  """float32 zeros shaped like ``p`` (per element) or a scalar (per leaf)."""
+  return jnp.zeros(jnp.shape(p) if per_element else (), jnp.float32)
