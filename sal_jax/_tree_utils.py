@@ -114,4 +114,6 @@ def unit_energy(g: jax.Array, scale: jax.Array,
 
 def unit_zeros(p: jax.Array, per_element: bool) -> jax.Array:
   """float32 zeros shaped like ``p`` (per element) or a scalar (per leaf)."""
-  return jnp.zeros(jnp.shape(p) if per_element else (), jnp.float32)
+  if per_element:
+    return jnp.zeros_like(p, dtype=jnp.float32)  # keeps p's sharding
+  return jnp.zeros((), jnp.float32)

@@ -301,6 +301,12 @@ def assert_state_sharded_like_params(opt_state, params, when):
       continue
     owners = [p for p_path, p in param_paths
               if path.endswith(p_path) and p.shape == leaf.shape]
+    if not owners and not any(path.endswith(p_path)
+                              for p_path, _ in param_paths):
+      # A small global statistic (e.g. an estimator's [2] energy moments).
+      assert leaf.sharding.is_fully_replicated, (
+          f"{where} is global but not replicated: {leaf.sharding}")
+      continue
     assert len(owners) == 1, f"{where}: no param owns this state leaf"
     param = owners[0]
     assert leaf.sharding.is_equivalent_to(param.sharding, leaf.ndim), (
@@ -346,13 +352,11 @@ def collective_result_shapes(hlo_text):
   return out
 
 
-def _sharded_setup(granularity, preserve_rms):
+def _sharded_setup(**protect_kwargs):
   mesh = make_mesh()
   shardings = {k: NamedSharding(mesh, s) for k, s in PARAM_SPECS.items()}
   batch_sharding = NamedSharding(mesh, P("data"))
-  tx = optax.chain(
-      sal.protect(granularity=granularity, preserve_rms=preserve_rms),
-      optax.adamw(1e-2))
+  tx = optax.chain(sal.protect(**protect_kwargs), optax.adamw(1e-2))
 
   def train_step(params, opt_state, x, y):
     grads = jax.grad(loss_fn)(params, x, y)
@@ -366,9 +370,9 @@ def _sharded_setup(granularity, preserve_rms):
   return mesh, shardings, batch_sharding, tx, train_step, update_only
 
 
-def _sharding_check(granularity, preserve_rms=False):
+def _sharding_check(**protect_kwargs):
   _, shardings, batch_sharding, tx, train_step, update_only = (
-      _sharded_setup(granularity, preserve_rms))
+      _sharded_setup(**protect_kwargs))
   data = batches()
   params = jax.device_put(init_params(), shardings)
   opt_state = tx.init(params)
@@ -386,8 +390,7 @@ def _sharding_check(granularity, preserve_rms=False):
         f"param {k} lost its sharding: {p.sharding}")
 
   # Same steps, unsharded.
-  ref_params, ref_state = single_device_run(
-      {"granularity": granularity, "preserve_rms": preserve_rms})
+  ref_params, ref_state = single_device_run(protect_kwargs)
   assert_trees_close(params, ref_params, "params (sharded vs unsharded)")
   assert_trees_close(sal_state(opt_state), sal_state(ref_state),
                      "ProtectState (sharded vs unsharded)")
@@ -411,20 +414,29 @@ def _sharding_check(granularity, preserve_rms=False):
 @check
 def sharding_leaf():
   """2x4 mesh: state sharded like params, equal to unsharded, no gathers."""
-  return _sharding_check("leaf")
+  return _sharding_check(granularity="leaf")
 
 
 @check
 def sharding_element_preserve_rms():
-  return _sharding_check("element", preserve_rms=True)
+  return _sharding_check(granularity="element", preserve_rms=True)
 
 
-def _init_sharding_check(granularity):
+@check
+def sharding_shift_consolidation_element():
+  """The importance estimators' per-element state (importance, anchor) is
+  sharded like the params too, and the restoring pull gathers nothing."""
+  return _sharding_check(estimator="shift_consolidation",
+                         granularity="element", restore=1.0)
+
+
+def _init_sharding_check(granularity, estimator="reference"):
   mesh = make_mesh()
   params = jax.device_put(
       init_params(), {k: NamedSharding(mesh, s)
                       for k, s in PARAM_SPECS.items()})
-  tx = optax.chain(sal.protect(granularity=granularity), optax.adamw(1e-2))
+  tx = optax.chain(sal.protect(granularity=granularity, estimator=estimator),
+                   optax.adamw(1e-2))
   n = assert_state_sharded_like_params(tx.init(params), params, "after init")
   return f"{n} per-element state leaves sharded like their params at init"
 
@@ -439,6 +451,13 @@ def init_sharding_leaf():
 @check
 def init_sharding_element():
   return _init_sharding_check("element")
+
+
+@check
+def init_sharding_importance_estimators():
+  return "; ".join(
+      f"{name}: " + _init_sharding_check("element", name)
+      for name in ("consolidation", "shift_consolidation"))
 
 
 @check

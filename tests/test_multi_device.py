@@ -38,8 +38,10 @@ CHECKS = (
     "pmap_nonfinite_on_one_device",
     "sharding_leaf",
     "sharding_element_preserve_rms",
+    "sharding_shift_consolidation_element",
     "init_sharding_leaf",
     "init_sharding_element",
+    "init_sharding_importance_estimators",
     "gather_detector_self_check",
 )
 
