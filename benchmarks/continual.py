@@ -27,7 +27,7 @@ Durations, measured on 2 CPU cores shared with other jobs (load average
 3 to 4): ``--quick`` about 55 s including compilation (every protocol and
 method; 3 tasks x 30 steps, 2 seeds, 2 configurations, a 64-unit MLP; one
 compilation per method serves all protocols, see
-``cl_protocols.pad_to_common``); the full benchmark 22 min (11 methods x 6
+``cl_protocols.pad_to_common``); the full benchmark 15-22 min (11 methods x 6
 configurations x 3 seeds on every protocol), of which ``pmnist`` (10 tasks
 x 150 steps of 64) and ``stream`` (12 x 200 steps of 8) take about 7 min
 each, the two digits protocols about 1.5 min each. These are the schedules
