@@ -186,7 +186,7 @@ def main():
       # benchmark's validation chose on split digits.
       "sal shift + adamw": optax.chain(
           sal.protect(estimator="shift_consolidation", granularity="element",
-                      restore=30.0, threshold=1.0, threshold_adaptation=0.0),
+                      gate="none", restore=30.0),
           optax.adamw(args.lr)),
   }
   steps_per_run = sum(len(t["x_train"]) // args.batch_size

@@ -18,6 +18,7 @@ from sal_jax._gates import apply_factor
 from sal_jax._gates import get_gate
 from sal_jax._gates import hard_gate
 from sal_jax._gates import linear_gate
+from sal_jax._gates import no_gate
 from sal_jax._gates import sigmoid_gate
 from sal_jax._gates import soft_gate
 from sal_jax._gates import stability_gate
@@ -101,6 +102,7 @@ __all__ = (
     "hard_gate",
     "linear_gate",
     "metrics",
+    "no_gate",
     "parameter_count",
     "protect",
     "reference_estimator",

@@ -9,6 +9,9 @@ Every gate maps a score ``s`` and a threshold ``tau`` to a factor ``f`` with
   else 1.
 * ``"sigmoid"``: ``f = 1 / (1 + exp(k (s - tau)))`` everywhere, with
   steepness ``k``.
+* ``"none"``:   ``f = 1``: nothing is gated. For estimators whose
+  protection is a restoring pull (``protect(restore=...)``), which the
+  optimizer does not undo, and for watching scores without acting on them.
 
 Comparisons are strict: a score exactly at the threshold passes unchanged,
 as in the original.
@@ -55,11 +58,18 @@ def sigmoid_gate(score, threshold, steepness=DEFAULT_STEEPNESS):
   return jax.nn.sigmoid(-steepness * (score - threshold))
 
 
+def no_gate(score, threshold, steepness=DEFAULT_STEEPNESS):
+  """Passes every gradient unchanged (factor 1)."""
+  del threshold, steepness
+  return jnp.ones_like(score)
+
+
 GATES: dict[str, GateFn] = {
     "soft": soft_gate,
     "hard": hard_gate,
     "linear": linear_gate,
     "sigmoid": sigmoid_gate,
+    "none": no_gate,
 }
 
 

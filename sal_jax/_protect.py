@@ -114,8 +114,8 @@ def protect(
 
   and the update is gated, :math:`g_i \leftarrow g_i \, f(s_i, \tau)`, with
   ``gate`` one of ``"soft"`` (:math:`1 - s` above :math:`\tau`, the
-  original rule), ``"hard"``, ``"linear"`` or ``"sigmoid"`` (see
-  :mod:`sal_jax._gates`).
+  original rule), ``"hard"``, ``"linear"``, ``"sigmoid"`` or ``"none"``
+  (see :mod:`sal_jax._gates`).
 
   With ``estimator="reference"`` and ``granularity="leaf"`` this reproduces
   the original library's ``CommunicationLayer`` step for step.
@@ -128,7 +128,8 @@ def protect(
     threshold: base threshold :math:`\tau_0`, in ``[0, 1]``.
     threshold_adaptation: :math:`\alpha \ge 0`, how much the spread of update
       magnitudes raises the threshold.
-    gate: ``"soft"``, ``"hard"``, ``"linear"`` or ``"sigmoid"``.
+    gate: ``"soft"``, ``"hard"``, ``"linear"``, ``"sigmoid"`` or ``"none"``
+      (protection by the restoring pull alone).
     score_ema: weight :math:`\beta \in (0, 1]` of the new raw score.
     granularity: ``"leaf"`` (one score per parameter tensor, the default)
       or ``"element"`` (one score per entry). An estimator instance brings
@@ -189,6 +190,14 @@ def protect(
     raise ValueError(
         "sal_jax.protect: threshold_range must satisfy 0 <= low <= high <= 1,"
         f" got {threshold_range!r}.")
+  if _is_python_number(threshold) and not low <= threshold <= high:
+    # The adapted threshold is clipped into threshold_range: a base outside
+    # it would silently act as the nearest bound.
+    raise ValueError(
+        f"sal_jax.protect: threshold {threshold!r} lies outside "
+        f"threshold_range {threshold_range!r}, into which the adapted "
+        "threshold is clipped; widen threshold_range, or pass gate='none' "
+        "to gate nothing.")
   _check_in_range("restore", restore, 0.0, float("inf"))
   if restore is not None and stability.restoring_force is None:
     raise ValueError(

@@ -321,6 +321,8 @@ def test_state_for_another_tree_is_rejected():
 
 @pytest.mark.parametrize("kwargs,match", [
     (dict(threshold=1.5), "threshold must be in"),
+    # Inside [0, 1] but outside the clip range: it would act as 0.9.
+    (dict(threshold=1.0), "outside threshold_range"),
     (dict(threshold=-0.1), "threshold must be in"),
     (dict(threshold_adaptation=-1.0), "threshold_adaptation must be in"),
     (dict(score_ema=0.0), "score_ema must be in"),

@@ -126,7 +126,7 @@ def test_consolidates_once_per_shift_and_anchors_the_params():
 def test_nothing_is_pulled_before_the_first_shift():
   tx = optax.chain(
       sal.protect(estimator="shift_consolidation", granularity="element",
-                  restore=10.0, threshold=1.0, threshold_adaptation=0.0),
+                  restore=10.0, gate="none"),
       optax.sgd(0.1))
   plain = optax.sgd(0.1)
   params = {"w": jnp.arange(3.0)}
@@ -143,8 +143,8 @@ def test_pull_after_a_shift_restores_the_anchor():
   # A parameter that carried the gradient before a shift and is then pushed
   # away is pulled back toward where it stood at the shift.
   est = sal.shift_consolidation_estimator("element", warmup_steps=5)
-  tx = optax.chain(sal.protect(estimator=est, restore=1.0, threshold=1.0,
-                               threshold_adaptation=0.0), optax.sgd(0.05))
+  tx = optax.chain(sal.protect(estimator=est, restore=1.0, gate="none"),
+                   optax.sgd(0.05))
   params = {"w": jnp.zeros(2)}
   state = tx.init(params)
   step = jax.jit(tx.update)
@@ -212,3 +212,24 @@ def test_non_finite_step_keeps_the_state():
 def test_bad_hyperparameters_raise(kwargs):
   with pytest.raises(ValueError):
     sal.shift_consolidation_estimator(**kwargs)
+
+
+def test_gate_none_is_the_pull_alone():
+  # gate="none": the update is g + restore * F(theta), before and after a
+  # shift, and nothing counts as suppressed.
+  est = sal.shift_consolidation_estimator("element")
+  tx = sal.protect(estimator=est, gate="none", restore=2.0)
+  params = {"w": jnp.linspace(-1.0, 1.0, 6)}
+  state = tx.init(params)
+  for t in range(40):
+    scale = 4.0 if 20 <= t < 25 else 1.0
+    g = {"w": scale * jnp.cos(jnp.arange(6.0) + t)}
+    u, state = tx.update(g, state, params)
+    force = est.restoring_force(state.estimator_state, params)
+    chex.assert_trees_all_close(
+        u, jax.tree.map(lambda g_, f: g_ + 2.0 * f, g, force))
+    params = jax.tree.map(lambda p, u_: p - 0.1 * u_, params, u)
+  assert int(state.estimator_state.consolidations) >= 1
+  assert float(jnp.abs(force["w"]).max()) > 0.0
+  assert float(state.mean_protection_rate) == 0.0
+
