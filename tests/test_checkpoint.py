@@ -7,7 +7,8 @@ that checkpoint and trains the remaining steps. On CPU both must end with
 exactly the same bits in every param and every optimizer-state leaf. Two
 setups: plain optax on a dict of params (``protect()`` + AdamW), and a Flax
 NNX model with ``nnx.Optimizer`` (element granularity, ``preserve_rms``,
-bf16 SAL state).
+bf16 SAL state), and the shift-consolidation estimator (bool, int and
+float state, with its restoring pull).
 
 The same file is the script the test runs in its subprocesses::
 
@@ -27,7 +28,7 @@ import numpy as np
 
 STEPS = 8
 SAVE_AT = 3
-SETUPS = ("optax", "nnx")
+SETUPS = ("optax", "nnx", "optax_shift")
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 
@@ -35,14 +36,18 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 # The training runs (imported only in the subprocesses).
 
 
-def _optax_setup():
+def _optax_setup(estimator=None):
   import jax
   import jax.numpy as jnp
   import optax
 
   import sal_jax as sal
 
-  tx = optax.chain(sal.protect(), optax.adamw(1e-2))
+  if estimator is None:
+    tx = optax.chain(sal.protect(), optax.adamw(1e-2))
+  else:
+    tx = optax.chain(sal.protect(estimator=estimator(sal), gate="none",
+                                 restore=1.0), optax.adamw(1e-2))
 
   def init():
     k1, k2 = jax.random.split(jax.random.key(0))
@@ -126,6 +131,10 @@ def _nnx_setup():
 
 
 def _setup(name):
+  if name == "optax_shift":
+    # A hair-trigger detector, so that the short run consolidates.
+    return _optax_setup(lambda sal: sal.shift_consolidation_estimator(
+        "element", shift_ratio=1.01, release_ratio=1.0, warmup_steps=0))
   return {"optax": _optax_setup, "nnx": _nnx_setup}[name]()
 
 
