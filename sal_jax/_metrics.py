@@ -67,7 +67,9 @@ def metrics(opt_state: Any) -> dict[str, jax.Array]:
   * ``protected_fraction`` :math:`= \operatorname{mean}(s > 0.7)`,
     ``volatile_fraction`` :math:`= \operatorname{mean}(s < 0.3)`,
     ``neutral_fraction``: the rest;
-  * ``mean_score``: the mean score over units.
+  * ``mean_score``: the mean score over units;
+  * ``consolidations`` (int32), only with an estimator that counts them
+    (``"shift_consolidation"``): the shifts detected so far.
 
   Args:
     opt_state: an optimizer state holding exactly one
@@ -75,7 +77,7 @@ def metrics(opt_state: Any) -> dict[str, jax.Array]:
       ``flax.nnx.Optimizer``.
 
   Returns:
-    A dict of float32 (``step``: int32) scalars.
+    A dict of float32 (``step``, ``consolidations``: int32) scalars.
 
   Raises:
     ValueError: if the state holds no protect state, or several (then pass
@@ -117,7 +119,7 @@ def metrics(opt_state: Any) -> dict[str, jax.Array]:
     rate = jnp.mean(jnp.stack(rates))
   else:
     protected = volatile = mean_score = rate = jnp.zeros((), jnp.float32)
-  return {
+  out = {
       "step": state.count,
       "threshold": state.threshold,
       "protection_rate": rate.astype(jnp.float32),
@@ -127,3 +129,7 @@ def metrics(opt_state: Any) -> dict[str, jax.Array]:
       "volatile_fraction": volatile.astype(jnp.float32),
       "mean_score": mean_score.astype(jnp.float32),
   }
+  consolidations = getattr(state.estimator_state, "consolidations", None)
+  if consolidations is not None:
+    out["consolidations"] = consolidations
+  return out

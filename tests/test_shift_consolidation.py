@@ -233,3 +233,17 @@ def test_gate_none_is_the_pull_alone():
   assert float(jnp.abs(force["w"]).max()) > 0.0
   assert float(state.mean_protection_rate) == 0.0
 
+
+
+def test_metrics_report_the_consolidations():
+  tx = sal.protect(estimator="shift_consolidation", granularity="element",
+                   gate="none", restore=1.0)
+  params = {"w": jnp.zeros(256)}
+  state = tx.init(params)
+  assert "consolidations" not in sal.metrics(sal.protect().init(params))
+  for t in range(30):
+    g = {"w": jnp.full(256, 5.0 if t >= 20 else 1.0)}
+    _, state = tx.update(g, state, params)
+  m = jax.jit(sal.metrics)(state)
+  assert m["consolidations"].dtype == jnp.int32
+  assert int(m["consolidations"]) == 1
