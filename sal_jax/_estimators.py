@@ -21,6 +21,8 @@ import jax.numpy as jnp
 
 GRANULARITIES = ("leaf", "element")
 
+_TINY = 1e-30  # keeps ratios of all-zero importances finite
+
 EstimatorInitFn = Callable[[chex.ArrayTree], Any]
 EstimatorUpdateFn = Callable[
     [chex.ArrayTree, Any, chex.ArrayTree], tuple[chex.ArrayTree, Any]]
@@ -144,7 +146,7 @@ def relative_scores(importance: chex.ArrayTree,
   mean = (sum(jnp.sum(o) for o in leaves)
           / max(sum(o.size for o in leaves), 1))
   return jax.tree.map(
-      lambda o: o / (o + relative_importance * mean + 1e-30), importance)
+      lambda o: o / (o + relative_importance * mean + _TINY), importance)
 
 
 def anchor_pull(weights: chex.ArrayTree, scale: jax.Array,

@@ -293,8 +293,9 @@ def protect(
     else:
       updates_out = jax.tree.map(gate_leaf, updates, factors, force)
 
-    def rate(g, f, s, norm_in):
+    def rate(g, s, norm_in):
       if granularity == "leaf":
+        f = gate_fn(s.astype(jnp.float32), new_threshold, steepness)
         norm_out = jnp.abs(f) * norm_in  # f is one scalar for the leaf
       else:
         # The factor is recomputed from the scores behind a barrier: were
@@ -309,9 +310,9 @@ def protect(
     # The rate measures the gated mean signal f*g (what the optimizer's step
     # shrinks by), not the dither or the restoring pull.
     rates = jax.tree.map(
-        lambda g, f, s, n, old: jnp.where(finite, rate(g, f, s, n),
-                                          old).astype(dtype),
-        updates, factors, scores, norms, state.protection_rates)
+        lambda g, s, n, old: jnp.where(finite, rate(g, s, n),
+                                       old).astype(dtype),
+        updates, scores, norms, state.protection_rates)
     rate_leaves = jax.tree.leaves(rates)
     step_rate = (sum(r.astype(jnp.float32) for r in rate_leaves)
                  / len(rate_leaves) if rate_leaves
