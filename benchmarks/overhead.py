@@ -214,6 +214,18 @@ def make_methods(quick=False):
             name, f"chain(protect(estimator={estimator!r}, granularity="
             f"{granularity!r}, preserve_rms={preserve_rms}), adamw)",
             granularity, optax.chain(protect, optax.adamw(LEARNING_RATE))))
+      if (not quick and sal.ESTIMATORS[estimator](granularity).restoring_force
+          is not None):
+        # Protection by the restoring pull alone, as the continual-learning
+        # benchmark runs it.
+        methods.append((
+            f"sal:{estimator}:{granularity}:pull",
+            f"chain(protect(estimator={estimator!r}, granularity="
+            f"{granularity!r}, gate='none', restore=1.0), adamw)",
+            granularity, optax.chain(
+                sal.protect(estimator=estimator, granularity=granularity,
+                            gate="none", restore=1.0),
+                optax.adamw(LEARNING_RATE))))
   return methods
 
 

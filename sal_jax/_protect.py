@@ -242,10 +242,6 @@ def protect(
       # replica computes the same statistics, state and output.
       updates = jax.lax.pmean(updates, axis_name)
 
-    raw, estimator_state = stability.update(
-        updates, state.estimator_state, params)
-    _check_score_shapes(raw, state.scores, granularity)
-
     # Threshold adaptation from the spread of update magnitudes.
     norms = _tree_utils.leaf_norms(updates)
     norm_leaves = jax.tree.leaves(norms)
@@ -258,24 +254,35 @@ def protect(
       m_sum = sum(jnp.sum(jnp.abs(g.astype(jnp.float32))) for g in leaves)
       m_count = sum(g.size for g in leaves)
     # NaN or Inf anywhere reaches these sums; testing them avoids another
-    # pass over the updates. A non-finite step must not poison the state:
-    # every new state leaf below is selected against the old one, and the
-    # updates pass through untouched for apply_if_finite (or the user) to
-    # reject.
+    # pass over the updates. A non-finite step must not poison the state,
+    # and the updates pass through untouched for apply_if_finite (or the
+    # user) to reject.
     finite = jnp.isfinite(jnp.asarray(m_sum)) & jnp.isfinite(
         jnp.asarray(m_sq_sum))
     new_threshold = jnp.where(finite, _adapt_threshold(
         m_sum, m_sq_sum, max(m_count, 1), threshold, threshold_adaptation,
         low, high, state.threshold), state.threshold)
-    scores = jax.tree.map(
-        lambda r, s: jnp.where(
-            finite, score_ema * r + (1.0 - score_ema) * s.astype(jnp.float32),
-            s).astype(dtype),
-        raw, state.scores)
 
-    # The gate reads the selected scores (not a second copy of the new
-    # ones), so that XLA need not keep the raw scores alive; on a non-finite
-    # step its output is discarded anyway.
+    def advance(scores, estimator_state):
+      raw, estimator_state = stability.update(
+          updates, estimator_state, params)
+      _check_score_shapes(raw, scores, granularity)
+      scores = jax.tree.map(
+          lambda r, s: (score_ema * r + (1.0 - score_ema)
+                        * s.astype(jnp.float32)).astype(dtype),
+          raw, scores)
+      return scores, estimator_state
+
+    def hold(scores, estimator_state):
+      return scores, estimator_state
+
+    # A conditional rather than a select between new and old state: the
+    # untaken branch moves no data, and state an estimator leaves as it was
+    # (an anchor between consolidations) is not copied every step.
+    scores, estimator_state = jax.lax.cond(
+        finite, advance, hold, state.scores, state.estimator_state)
+
+    # On a non-finite step the gated update is discarded below.
     factors = jax.tree.map(
         lambda s: gate_fn(s.astype(jnp.float32), new_threshold, steepness),
         scores)
@@ -330,8 +337,7 @@ def protect(
         scores=scores,
         protection_rates=rates,
         mean_protection_rate=mean_rate.astype(jnp.float32),
-        estimator_state=_tree_utils.tree_select(
-            finite, estimator_state, state.estimator_state),
+        estimator_state=estimator_state,
     )
     return updates_out, new_state
 

@@ -241,13 +241,23 @@ def shift_consolidation_estimator(
 
     # Consolidate what was gathered before this step's gradient.
     correction = 1.0 - importance_decay ** jnp.maximum(state.count, 1)
-    consolidated = jax.tree.map(
-        lambda c, o: jnp.where(onset, consolidation_decay * c
-                               + o / correction, c),
-        state.consolidated, state.importance)
-    anchor = jax.tree.map(
-        lambda a, p: jnp.where(onset, p.astype(jnp.float32), a),
-        state.anchor, params)
+
+    def consolidate(consolidated, anchor, importance, params):
+      consolidated = jax.tree.map(
+          lambda c, o: consolidation_decay * c + o / correction,
+          consolidated, importance)
+      anchor = jax.tree.map(lambda a, p: p.astype(a.dtype), anchor, params)
+      return consolidated, anchor
+
+    def keep(consolidated, anchor, importance, params):
+      del importance, params
+      return consolidated, anchor
+
+    # Shifts are rare: a conditional spares the other steps a pass over the
+    # anchor, the params and both importances.
+    consolidated, anchor = jax.lax.cond(
+        onset, consolidate, keep, state.consolidated, state.anchor,
+        state.importance, params)
     importance = jax.tree.map(
         lambda o, g: importance_decay * o + _tree_utils.unit_energy(
             g, (1 - importance_decay) / (energy_hat + _TINY), per_element),
