@@ -241,27 +241,29 @@ def shift_consolidation_estimator(
 
     # Consolidate what was gathered before this step's gradient.
     correction = 1.0 - importance_decay ** jnp.maximum(state.count, 1)
+    increment_scale = (1 - importance_decay) / (energy_hat + _TINY)
 
-    def consolidate(consolidated, anchor, importance, params):
+    def accumulate(importance):
+      return jax.tree.map(
+          lambda o, g: importance_decay * o + _tree_utils.unit_energy(
+              g, increment_scale, per_element), importance, updates)
+
+    def consolidate(consolidated, anchor, importance):
       consolidated = jax.tree.map(
           lambda c, o: consolidation_decay * c + o / correction,
           consolidated, importance)
       anchor = jax.tree.map(lambda a, p: p.astype(a.dtype), anchor, params)
-      return consolidated, anchor
+      return consolidated, anchor, accumulate(importance)
 
-    def keep(consolidated, anchor, importance, params):
-      del importance, params
-      return consolidated, anchor
+    def keep(consolidated, anchor, importance):
+      return consolidated, anchor, accumulate(importance)
 
     # Shifts are rare: a conditional spares the other steps a pass over the
-    # anchor, the params and both importances.
-    consolidated, anchor = jax.lax.cond(
+    # anchor, the params and the consolidated importance. Every read of the
+    # old importance sits inside it, so that XLA can update it in place.
+    consolidated, anchor, importance = jax.lax.cond(
         onset, consolidate, keep, state.consolidated, state.anchor,
-        state.importance, params)
-    importance = jax.tree.map(
-        lambda o, g: importance_decay * o + _tree_utils.unit_energy(
-            g, (1 - importance_decay) / (energy_hat + _TINY), per_element),
-        state.importance, updates)
+        state.importance)
     new_state = ShiftConsolidationState(
         count=count, fast_energy=fast, slow_energy=slow,
         log_energy=log_energy, shifted=shifted,
