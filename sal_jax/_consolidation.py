@@ -22,7 +22,7 @@ import jax.numpy as jnp
 from sal_jax import _estimators
 from sal_jax import _tree_utils
 
-_TINY = 1e-30
+_TINY = _estimators.TINY
 
 
 class ConsolidationState(NamedTuple):

@@ -21,7 +21,7 @@ import jax.numpy as jnp
 
 GRANULARITIES = ("leaf", "element")
 
-_TINY = 1e-30  # keeps ratios of all-zero importances finite
+TINY = 1e-30  # keeps ratios of all-zero importances finite
 
 EstimatorInitFn = Callable[[chex.ArrayTree], Any]
 EstimatorUpdateFn = Callable[
@@ -146,7 +146,7 @@ def relative_scores(importance: chex.ArrayTree,
   mean = (sum(jnp.sum(o) for o in leaves)
           / max(sum(o.size for o in leaves), 1))
   return jax.tree.map(
-      lambda o: o / (o + relative_importance * mean + _TINY), importance)
+      lambda o: o / (o + relative_importance * mean + TINY), importance)
 
 
 def anchor_pull(weights: chex.ArrayTree, scale: jax.Array,
