@@ -24,7 +24,7 @@ import jax.numpy as jnp
 from sal_jax import _estimators
 from sal_jax import _tree_utils
 
-_TINY = 1e-30
+_TINY = _estimators.TINY
 
 
 class ShiftConsolidationState(NamedTuple):
@@ -219,7 +219,12 @@ def shift_consolidation_estimator(
 
   def update_fn(updates, state, params):
     count = state.count + 1
-    mean_sq = _tree_utils.mean_square(updates)
+    # Each leaf's sum of squares, read once for the energy and (per leaf)
+    # for the importance.
+    square_sums = jax.tree.map(
+        lambda g: jnp.sum(jnp.square(g.astype(jnp.float32))), updates)
+    mean_sq = sum(jax.tree.leaves(square_sums)) / max(
+        _tree_utils.parameter_count(updates), 1)
     fast = fast_decay * state.fast_energy + (1 - fast_decay) * mean_sq
     slow = slow_decay * state.slow_energy + (1 - slow_decay) * mean_sq
     fast_hat = fast / (1.0 - fast_decay ** count)
@@ -244,9 +249,14 @@ def shift_consolidation_estimator(
     increment_scale = (1 - importance_decay) / (energy_hat + _TINY)
 
     def accumulate(importance):
+      if per_element:
+        return jax.tree.map(
+            lambda o, g: importance_decay * o + _tree_utils.unit_energy(
+                g, increment_scale, per_element), importance, updates)
       return jax.tree.map(
-          lambda o, g: importance_decay * o + _tree_utils.unit_energy(
-              g, increment_scale, per_element), importance, updates)
+          lambda o, q, g: importance_decay * o
+          + q / max(g.size, 1) * increment_scale,
+          importance, square_sums, updates)
 
     def consolidate(consolidated, anchor, importance):
       consolidated = jax.tree.map(
