@@ -71,7 +71,7 @@ def shift_consolidation_estimator(
     shift_ratio: float = 1.2,
     release_ratio: float = 1.0,
     warmup_steps: int = 10,
-    consolidation_decay: float = 1.0,
+    consolidation_decay: float = 0.9,
     relative_importance: float = 1.0,
     noise_multiplier: float = 0.0,
 ) -> _estimators.StabilityEstimator:
@@ -128,8 +128,12 @@ def shift_consolidation_estimator(
     shift_ratio: :math:`\rho` above which a shift starts (> 1).
     release_ratio: :math:`\rho` below which it ends (<= ``shift_ratio``).
     warmup_steps: no shift is detected before this many steps.
-    consolidation_decay: :math:`\kappa \in [0, 1]`; 1 keeps every shift's
-      importance (online EWC with no forgetting of the penalty).
+    consolidation_decay: :math:`\kappa \in [0, 1]`, how much of the
+      earlier shifts' importance each consolidation keeps (the decay of
+      online EWC); 1 keeps all of it. On the continual-learning benchmark
+      the summed validation accuracy was 2.541 / 2.547 / 2.551 / 2.545 for
+      1 / 0.95 / 0.9 / 0.8: a shift detected inside a task (small, noisy
+      batches) then weighs less for ever after.
     relative_importance: :math:`c > 0` of the raw score.
     noise_multiplier: :math:`z \ge 0`; 0 (the default) uses
       ``shift_ratio`` alone. On the continual-learning benchmark's batch-8

@@ -10,7 +10,7 @@ import pytest
 import sal_jax as sal
 
 GAMMA, FAST, SLOW = 0.8, 0.5, 0.9  # short horizons keep the replay small
-SHIFT, RELEASE, WARMUP, Z = 1.2, 1.0, 3, 1.0
+SHIFT, RELEASE, WARMUP, Z, KAPPA = 1.2, 1.0, 3, 1.0, 0.7
 
 
 def _numpy_reference(grads, params, granularity):
@@ -46,7 +46,7 @@ def _numpy_reference(grads, params, granularity):
       consolidations += 1
       corr = 1 - GAMMA ** max(count - 1, 1)
       for k in g:
-        consolidated[k] = consolidated[k] + omega[k] / corr
+        consolidated[k] = KAPPA * consolidated[k] + omega[k] / corr
         anchor[k] = np.asarray(p[k], np.float64)
     for k in g:
       sq = np.square(g[k].astype(np.float64))
@@ -65,7 +65,7 @@ def _estimator(granularity):
   return sal.shift_consolidation_estimator(
       granularity, importance_decay=GAMMA, fast_decay=FAST, slow_decay=SLOW,
       shift_ratio=SHIFT, release_ratio=RELEASE, warmup_steps=WARMUP,
-      noise_multiplier=Z)
+      consolidation_decay=KAPPA, noise_multiplier=Z)
 
 
 def _gradient_scales():
