@@ -27,8 +27,8 @@ import optax
 import sal_jax as sal
 from sal_jax import contrib
 
-SAL_NEW = dict(estimator="shift_consolidation", granularity="element",
-               gate="none")
+SAL_NEW = dict()  # protect's defaults: shift consolidation, per element,
+                 # no gate, restoring pull
 
 # Grids: half-decade learning-rate steps; strengths a "weak" and a "strong"
 # value two decades apart. The ranges were placed on validation accuracy of
@@ -104,8 +104,10 @@ METHODS = {m.name: m for m in (
            lambda hp, key: optax.adamw(hp["lr"]), {"lr": ADAM_LRS}),
     Method("sgd", "optax.sgd(lr)",
            lambda hp, key: optax.sgd(hp["lr"]), {"lr": SGD_LRS}),
-    Method("sal_reference", "chain(sal.protect(), adamw(lr))",
-           lambda hp, key: optax.chain(sal.protect(), optax.adamw(hp["lr"])),
+    Method("sal_reference", "chain(sal.protect(estimator='reference'), "
+           "adamw(lr))",
+           lambda hp, key: optax.chain(sal.protect(estimator="reference"),
+                                       optax.adamw(hp["lr"])),
            {"lr": ADAM_LRS}),
     Method("sal", f"chain(sal.protect(**{SAL_NEW}, restore=strength), "
            "adamw(lr))",

@@ -2,7 +2,9 @@
 
 Side by side in one run, for ``optax.adamw`` alone and for
 ``optax.chain(sal.protect(...), optax.adamw(...))`` with every estimator in
-``sal.ESTIMATORS``, every granularity (``leaf``, ``element``) and
+``sal.ESTIMATORS`` in its default mode (the soft gate for ``reference``;
+no gate and a restoring pull of strength 1 for the estimators that have one,
+``protect``'s default), every granularity (``leaf``, ``element``) and
 ``preserve_rms`` off and on, on three models (batch 64):
 
 * ``mlp_1m``: an MLP 784-1024-256-10 (1.07M parameters);
@@ -214,18 +216,6 @@ def make_methods(quick=False):
             name, f"chain(protect(estimator={estimator!r}, granularity="
             f"{granularity!r}, preserve_rms={preserve_rms}), adamw)",
             granularity, optax.chain(protect, optax.adamw(LEARNING_RATE))))
-      if (not quick and sal.ESTIMATORS[estimator](granularity).restoring_force
-          is not None):
-        # Protection by the restoring pull alone, as the continual-learning
-        # benchmark runs it.
-        methods.append((
-            f"sal:{estimator}:{granularity}:pull",
-            f"chain(protect(estimator={estimator!r}, granularity="
-            f"{granularity!r}, gate='none', restore=1.0), adamw)",
-            granularity, optax.chain(
-                sal.protect(estimator=estimator, granularity=granularity,
-                            gate="none", restore=1.0),
-                optax.adamw(LEARNING_RATE))))
   return methods
 
 

@@ -26,7 +26,8 @@ def get_estimator(estimator: str | _estimators.StabilityEstimator,
     estimator: a name in :data:`ESTIMATORS` or a
       :class:`~sal_jax.StabilityEstimator`.
     granularity: ``"leaf"`` or ``"element"``, passed to named estimators
-      (default ``"leaf"``); for an instance, ``None`` or its own granularity.
+      (``None``: the estimator's own default); for an instance, ``None`` or
+      its own granularity.
 
   Returns:
     The :class:`~sal_jax.StabilityEstimator`.
@@ -49,7 +50,9 @@ def get_estimator(estimator: str | _estimators.StabilityEstimator,
           f"instance, whose granularity is {estimator.granularity!r}.")
     return estimator
   if isinstance(estimator, str) and estimator in ESTIMATORS:
-    return ESTIMATORS[estimator](granularity=granularity or "leaf")
+    if granularity is None:
+      return ESTIMATORS[estimator]()  # the estimator's own default
+    return ESTIMATORS[estimator](granularity=granularity)
   raise ValueError(
       f"sal_jax: unknown estimator {estimator!r}; expected one of "
       f"{sorted(ESTIMATORS)} or a StabilityEstimator.")

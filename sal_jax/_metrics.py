@@ -86,7 +86,7 @@ def metrics(opt_state: Any) -> dict[str, jax.Array]:
   Examples:
     >>> import jax, jax.numpy as jnp, optax, sal_jax as sal
     >>> params = {"w": jnp.ones(3)}
-    >>> tx = optax.chain(sal.protect(), optax.adam(1e-3))
+    >>> tx = optax.chain(sal.protect(estimator="reference"), optax.adam(1e-3))
     >>> state = tx.init(params)
     >>> _, state = tx.update({"w": jnp.ones(3)}, state, params)
     >>> m = jax.jit(sal.metrics)(state)

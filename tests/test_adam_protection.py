@@ -101,7 +101,7 @@ def test_protection_rate_reports_the_gated_mean_signal():
 
 def test_restore_requires_an_estimator_with_a_force():
   with pytest.raises(ValueError, match="restoring force"):
-    sal.protect(restore=1.0)
+    sal.protect(estimator="reference", restore=1.0)
 
 
 def test_gate_after_scale_by_adam_scales_the_final_step():

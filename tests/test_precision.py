@@ -49,10 +49,11 @@ def _avals(tree):
                  getattr(x, "weak_type", False)), tree)
 
 
-def _train(param_dtype, state_dtype, granularity, preserve_rms):
+def _train(param_dtype, state_dtype, granularity, preserve_rms,
+           estimator="reference"):
   tx = optax.chain(
       sal.protect(granularity=granularity, preserve_rms=preserve_rms,
-                  state_dtype=state_dtype),
+                  state_dtype=state_dtype, estimator=estimator),
       optax.adamw(1e-2))
   traces = []
 
@@ -158,3 +159,24 @@ def test_trace_counter_sees_a_dtype_change():
   f(jnp.ones(3, jnp.float32))
   assert len(traces) == 2
   assert _avals(jnp.ones(3, jnp.bfloat16)) != _avals(jnp.ones(3))
+
+
+def test_default_protect_in_bfloat16_keeps_dtypes_and_compiles_once():
+  """The default (shift consolidation, per element, restoring pull) on bf16
+  params with bf16 scores: one compile, fixed dtypes, float32 estimator
+  state, and it trains."""
+  params, opt_state, losses, n_traces = _train(
+      jnp.bfloat16, jnp.bfloat16, None, False,
+      estimator="shift_consolidation")
+  assert n_traces == 1, f"the step was traced {n_traces} times"
+  assert all(p.dtype == jnp.bfloat16 for p in jax.tree.leaves(params))
+  state = sal.find_protect_states(opt_state)[0]
+  est = state.estimator_state
+  assert isinstance(est, sal.ShiftConsolidationState)
+  for tree in (est.anchor, est.importance, est.consolidated):
+    for x, p in zip(jax.tree.leaves(tree), jax.tree.leaves(params)):
+      assert x.dtype == jnp.float32 and x.shape == p.shape
+  assert all(x.dtype == jnp.bfloat16 for x in jax.tree.leaves(state.scores))
+  for x in jax.tree.leaves(state):
+    assert np.all(np.isfinite(np.asarray(x, np.float32)))
+  assert losses[-1] < losses[0], losses

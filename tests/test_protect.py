@@ -28,7 +28,7 @@ def _grads(seed=1):
 
 
 def test_element_scores_have_param_shapes_and_follow_the_formula():
-  tx = sal.protect(granularity="element")
+  tx = sal.protect(estimator="reference", granularity="element")
   p0 = _params(0)
   state = tx.init(p0)
   chex.assert_trees_all_equal_shapes(state.scores, p0)
@@ -48,7 +48,7 @@ def test_element_scores_have_param_shapes_and_follow_the_formula():
     grad=hnp.arrays(np.float32, (6,), elements=st.floats(-1e3, 1e3, width=32)),
 )
 def test_element_scores_are_bounded(motion, grad):
-  tx = sal.protect(granularity="element")
+  tx = sal.protect(estimator="reference", granularity="element")
   p0 = {"w": jnp.zeros(6)}
   state = tx.init(p0)
   out, state = tx.update({"w": jnp.asarray(grad)}, state,
@@ -70,7 +70,7 @@ def test_element_score_decreases_with_motion_times_gradient():
 
 
 def test_element_granularity_gates_entries_independently():
-  tx = sal.protect(granularity="element", gate="hard", score_ema=1.0,
+  tx = sal.protect(estimator="reference", granularity="element", gate="hard", score_ema=1.0,
                    threshold=0.5, threshold_adaptation=0.0)
   p0 = {"w": jnp.zeros(2)}
   state = tx.init(p0)
@@ -90,14 +90,14 @@ def test_element_granularity_gates_entries_independently():
     ("sigmoid", 1 / (1 + np.exp(10 * 0.15)))])
 def test_gates_at_first_step(gate, expected):
   # First step: no motion, raw score 1, score 0.3 + 0.35 = 0.65 > 0.5.
-  tx = sal.protect(gate=gate, threshold_adaptation=0.0)
+  tx = sal.protect(estimator="reference", gate=gate, threshold_adaptation=0.0)
   p = {"w": jnp.ones(3)}
   out, _ = tx.update({"w": jnp.full(3, 2.0)}, tx.init(p), p)
   np.testing.assert_allclose(out["w"], 2.0 * expected, rtol=1e-5)
 
 
 def test_score_at_threshold_passes_unchanged():
-  tx = sal.protect(threshold=0.65, threshold_adaptation=0.0, gate="hard")
+  tx = sal.protect(estimator="reference", threshold=0.65, threshold_adaptation=0.0, gate="hard")
   p = {"w": jnp.ones(3)}
   out, _ = tx.update({"w": jnp.full(3, 2.0)}, tx.init(p), p)
   # float32(0.65) from the EMA equals float32(0.65): not strictly above.
@@ -118,7 +118,7 @@ def _run(tx, params, steps=3, seed=1):
 
 
 def test_chain_with_adamw_metrics():
-  params, state = _run(optax.chain(sal.protect(), optax.adamw(1e-2)),
+  params, state = _run(optax.chain(sal.protect(estimator="reference"), optax.adamw(1e-2)),
                        _params())
   m = sal.metrics(state)
   assert int(m["step"]) == 3
@@ -126,7 +126,7 @@ def test_chain_with_adamw_metrics():
 
 
 def test_masked_only_protects_the_selected_leaves():
-  tx = optax.masked(sal.protect(gate="hard", threshold_adaptation=0.0),
+  tx = optax.masked(sal.protect(estimator="reference", gate="hard", threshold_adaptation=0.0),
                     {"w": True, "b": False})
   params = _params()
   state = tx.init(params)
@@ -149,7 +149,8 @@ def test_multi_transform():
 def test_inject_hyperparams_threshold_is_injectable():
   tx = optax.inject_hyperparams(sal.protect)(threshold=0.5,
                                              threshold_adaptation=0.0,
-                                             gate="hard")
+                                             gate="hard",
+                                             estimator="reference")
   params = {"w": jnp.ones(3)}
   state = tx.init(params)
   update = jax.jit(tx.update)

@@ -22,7 +22,7 @@ _KWARG_MAP = {"threshold": "threshold",
 
 
 def _protect_kwargs(constructor_kwargs):
-  kwargs = {}
+  kwargs = {"estimator": "reference"}
   for k, v in constructor_kwargs.items():
     if k == "soft_protection":
       kwargs["gate"] = "soft" if v else "hard"
@@ -116,7 +116,8 @@ def test_hard_gate_freezes_the_model_from_step_zero():
   run = RUNS["hard_default"]
   losses = [s["loss"] for s in run["steps"]]
   assert len(set(losses)) == 1
-  tx = optax.chain(sal.protect(gate="hard"), optax.sgd(0.1))
+  tx = optax.chain(sal.protect(estimator="reference", gate="hard"),
+                   optax.sgd(0.1))
   params = param_dict(run["initial_params"])
   state = tx.init(params)
   updates, _ = tx.update(param_dict(run["steps"][0]["grads"]), state, params)

@@ -234,13 +234,49 @@ def test_gate_none_is_the_pull_alone():
   assert float(state.mean_protection_rate) == 0.0
 
 
+def _run_with_a_shift(tx, est):
+  """Updates and forces of 40 steps with one shift (steps 20-24)."""
+  params = {"w": jnp.linspace(-1.0, 1.0, 6), "b": jnp.zeros(())}
+  state = tx.init(params)
+  out = []
+  for t in range(40):
+    scale = 4.0 if 20 <= t < 25 else 1.0
+    g = {"w": scale * jnp.cos(jnp.arange(6.0) + t),
+         "b": scale * jnp.sin(jnp.asarray(t, jnp.float32))}
+    u, state = tx.update(g, state, params)
+    out.append((g, u, est.restoring_force(state.estimator_state, params)))
+    params = jax.tree.map(lambda p, u_: p - 0.1 * u_, params, u)
+  assert int(state.estimator_state.consolidations) >= 1
+  return out, state
+
+
+def test_default_protect_is_the_element_pull_of_strength_one():
+  est = sal.shift_consolidation_estimator("element")
+  out, state = _run_with_a_shift(sal.protect(), est)
+  scores = state.scores
+  assert isinstance(state.estimator_state, sal.ShiftConsolidationState)
+  assert scores["w"].shape == (6,)  # element granularity
+  for g, u, force in out:
+    chex.assert_trees_all_close(
+        u, jax.tree.map(lambda g_, f: g_ + 1.0 * f, g, force))
+  assert float(jnp.abs(out[-1][2]["w"]).max()) > 0.0
+
+
+def test_restore_zero_turns_the_pull_off():
+  est = sal.shift_consolidation_estimator("element")
+  out, _ = _run_with_a_shift(sal.protect(restore=0.0), est)
+  for g, u, force in out:
+    chex.assert_trees_all_equal(u, g)
+  assert float(jnp.abs(out[-1][2]["w"]).max()) > 0.0  # a pull was there
+
 
 def test_metrics_report_the_consolidations():
   tx = sal.protect(estimator="shift_consolidation", granularity="element",
                    gate="none", restore=1.0)
   params = {"w": jnp.zeros(256)}
   state = tx.init(params)
-  assert "consolidations" not in sal.metrics(sal.protect().init(params))
+  assert "consolidations" not in sal.metrics(
+      sal.protect(estimator="reference").init(params))
   for t in range(30):
     g = {"w": jnp.full(256, 5.0 if t >= 20 else 1.0)}
     _, state = tx.update(g, state, params)
