@@ -8,13 +8,14 @@ plain single-device run:
 
 1. ``jax.pmap``: every device gets 1/8 of the batch and computes its own
    gradients; ``sal.protect(axis_name="batch")`` takes its statistics
-   (norms, threshold) on the cross-device mean, so the SAL state stays the
-   same on every replica, and the gated updates are averaged before AdamW.
+   (energies, norms, threshold) on the cross-device mean, so the SAL state
+   stays the same on every replica, and the updates are averaged before
+   AdamW.
 2. ``jax.jit`` over a 2x4 ``Mesh``: the weight matrices are sharded with
    ``NamedSharding`` (the batch over ``data``); SAL's per-element state (the
-   reference estimator's copy of the params, and with
-   ``granularity="element"`` the scores) is sharded like the params, its
-   per-leaf scalars are replicated, and no whole parameter is gathered.
+   default estimator's anchor, and per element its importances and the
+   scores) is sharded like the params, its per-leaf scalars are replicated,
+   and no whole parameter is gathered.
 
 Run:  python examples/multi_device.py [--steps 20]   (about 30 s on 2 cores)
 """
@@ -60,17 +61,21 @@ def loss_fn(params, x, y):
 
 
 def make_batches(steps, seed=0):
-  """Inputs labelled by a random linear teacher, a new batch per step."""
+  """Inputs labelled by a random linear teacher, a new batch per step; the
+  teacher and the input scale change halfway (a new task, for SAL to
+  detect)."""
   key = jax.random.key(seed)
-  teacher = jax.random.normal(key, (D_IN, D_OUT))
+  teachers = jax.random.normal(key, (2, D_IN, D_OUT))
   out = []
   for i in range(steps):
-    x = jax.random.normal(jax.random.fold_in(key, i), (BATCH, D_IN))
-    out.append((x, jnp.argmax(x @ teacher, axis=1)))
+    task = int(i >= steps // 2)
+    x = (1.0 + 2.0 * task) * jax.random.normal(
+        jax.random.fold_in(key, i), (BATCH, D_IN))
+    out.append((x, jnp.argmax(x @ teachers[task], axis=1)))
   return out
 
 
-def make_tx(axis_name=None, granularity="leaf"):
+def make_tx(axis_name=None, granularity=None):
   stages = [sal.protect(axis_name=axis_name, granularity=granularity)]
   if axis_name is not None:
     # Average the (per-device) gated updates before the optimizer.
@@ -82,7 +87,7 @@ def make_tx(axis_name=None, granularity="leaf"):
   return optax.chain(*stages)
 
 
-def train_single(batches, granularity="leaf"):
+def train_single(batches, granularity=None):
   tx = make_tx(granularity=granularity)
 
   @jax.jit
@@ -142,9 +147,9 @@ def demo_pmap(batches):
   d_params = max_diff(first(p_params), ref_params)
   check(d_params < 1e-4, f"equals one device on the whole {BATCH}-example "
         f"batch: max |diff| params {d_params:.1e}")
-  sal_state = sal.find_protect_states(first(p_state))[0]
-  print(f"     SAL threshold {float(sal_state.threshold):.4f}, mean "
-        f"protection rate {float(sal_state.mean_protection_rate):.3f}")
+  m = sal.metrics(first(p_state))
+  print(f"     SAL: {int(m['step'])} steps, shifts detected: "
+        f"{int(m['consolidations'])}")
 
 
 def describe(sharding):
@@ -179,20 +184,24 @@ def demo_sharding(batches, granularity):
     params, opt_state = compiled(params, opt_state, *put(x, y))
 
   sal_state = sal.find_protect_states(opt_state)[0]
-  prev = sal_state.estimator_state.previous_params
-  print(f"     {'param':<6}{'param sharding':<22}{'previous_params':<22}"
-        f"{'score':<22}")
+  est = sal_state.estimator_state
+  print(f"     {'param':<6}{'param sharding':<22}{'anchor':<22}"
+        f"{'importance':<22}{'score':<22}")
   for k in specs:
     print(f"     {k:<6}{describe(params[k].sharding):<22}"
-          f"{describe(prev[k].sharding):<22}"
+          f"{describe(est.anchor[k].sharding):<22}"
+          f"{describe(est.importance[k].sharding):<22}"
           f"{describe(sal_state.scores[k].sharding):<22}")
-  like = all(prev[k].sharding.is_equivalent_to(params[k].sharding,
-                                               params[k].ndim)
-             for k in specs)
-  if granularity == "element":
-    like = like and all(sal_state.scores[k].sharding.is_equivalent_to(
-        params[k].sharding, params[k].ndim) for k in specs)
-  check(like, "per-element SAL state sharded like its param")
+  # Every state leaf shaped like its param (anchor; per element also the
+  # importances and the scores) must be sharded like it.
+  per_element = [
+      (leaf, params[k]) for tree in (est.anchor, est.importance,
+                                     est.consolidated, sal_state.scores)
+      for k, leaf in tree.items() if leaf.shape == params[k].shape]
+  like = all(leaf.sharding.is_equivalent_to(p.sharding, p.ndim)
+             for leaf, p in per_element)
+  check(like, f"{len(per_element)} per-element SAL state leaves sharded "
+        "like their params")
   scalars = [x for x in jax.tree.leaves(sal_state) if x.ndim == 0]
   check(all(x.sharding.is_fully_replicated for x in scalars),
         f"{len(scalars)} scalar state leaves replicated")

@@ -21,3 +21,15 @@ def test_quickstart_runs_and_writes_its_plot(tmp_path):
   assert "| adamw " in out and "| sal + adamw " in out
   assert "| sal reference + adamw " in out
   assert (tmp_path / "quickstart.png").stat().st_size > 10_000
+
+
+def test_multi_device_example_runs_its_checks():
+  # The script sets its own 8 simulated devices (a fresh process).
+  result = subprocess.run(
+      [sys.executable, str(ROOT / "examples" / "multi_device.py"),
+       "--steps", "20"],
+      capture_output=True, text=True, timeout=300, cwd=ROOT)
+  assert result.returncode == 0, (result.stdout + result.stderr)[-3000:]
+  out = result.stdout
+  assert "FAILED" not in out and "all checks passed" in out
+  assert "shifts detected: 1" in out  # the pull acted in the compared runs
