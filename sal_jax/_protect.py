@@ -297,14 +297,13 @@ def protect(
           raw, scores)
       return scores, estimator_state
 
-    def hold(scores, estimator_state):
-      return scores, estimator_state
-
     # A conditional rather than a select between new and old state: the
     # untaken branch moves no data, and state an estimator leaves as it was
-    # (an anchor between consolidations) is not copied every step.
+    # (an anchor between consolidations) is not copied every step (on GPU
+    # the predicate is read on the host, as in optax.MultiSteps).
     scores, estimator_state = jax.lax.cond(
-        finite, advance, hold, state.scores, state.estimator_state)
+        finite, advance, lambda *old: old, state.scores,
+        state.estimator_state)
 
     # On a non-finite step the gated update is discarded below.
     factors = jax.tree.map(
@@ -325,6 +324,9 @@ def protect(
       updates_out = jax.tree.map(gate_leaf, updates, factors, force)
 
     def rate(g, s, norm_in):
+      if gate_fn is _gates.no_gate:
+        # Nothing is gated: the rate is 0 without another pass over g.
+        return jnp.zeros((), jnp.float32)
       if granularity == "leaf":
         f = gate_fn(s.astype(jnp.float32), new_threshold, steepness)
         norm_out = jnp.abs(f) * norm_in  # f is one scalar for the leaf

@@ -257,7 +257,7 @@ def shift_consolidation_estimator(
       if per_element:
         return jax.tree.map(
             lambda o, g: importance_decay * o + _tree_utils.unit_energy(
-                g, increment_scale, per_element), importance, updates)
+                g, increment_scale, True), importance, updates)
       return jax.tree.map(
           lambda o, q, g: importance_decay * o
           + q / max(g.size, 1) * increment_scale,
