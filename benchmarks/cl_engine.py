@@ -3,27 +3,24 @@
 :func:`run` trains a functional MLP on a :class:`~cl_protocols.Protocol`
 with one method, for every seed and every configuration of the method's
 grid, in one jitted program: ``vmap`` over seeds x configurations of a
-``lax.scan`` over tasks, itself a scan over evaluation chunks of a scan over
-steps. The program compiles once per (protocol, method) whatever the number
-of tasks, and once per method for protocols of equal shapes;
-:func:`precompile` compiles several methods concurrently. Hyperparameters
-enter as traced scalars and the optimizer is built inside the vmapped
-function.
+``lax.scan`` over segments, itself a scan over evaluation chunks of a scan
+over steps. Hyperparameters enter as traced scalars and the optimizer is
+built inside the vmapped function, so the program compiles once per
+(protocol, method); :func:`precompile` compiles several concurrently.
 
-Recorded per run: the test accuracy matrix ``R[i, j]`` (test accuracy on
-task ``j`` after training task ``i``), the validation accuracy of every task
-at the end (for model selection), the KL divergence of every task's test
-predictions between the end of that task and the end of training, the
-weight drift from the end of task 1, and at every chunk end the curves:
-task-1 test accuracy, KL drift on task 1 and weight drift since the end of
-task 1, the chunk's mean online accuracy (each batch scored before its
-update) and mean update norm, and for methods containing ``sal.protect`` the
-``sal.metrics`` (protection rate averaged over the chunk, spectrum
-fractions at the chunk end). :func:`step_times` times single jitted
-steps.
+A method may hook into the run (``cl_methods.Method``): ``boundary`` at
+every segment end (EWC's consolidation with the empirical Fisher of the
+segment, WiSE-FT's interpolation), ``eval_params`` for the weights that are
+evaluated (a weight average), ``replay`` for a reservoir buffer of earlier
+examples mixed into every batch.
 
-The summary metrics follow Avalanche's definitions (see the functions
-below); with ``T`` tasks and ``R`` as above, ``j < T - 1`` the earlier tasks.
+Recorded per run: the test and validation accuracy of every task after
+every segment (``acc_test`` / ``acc_val`` ``[segments, tasks]``), the KL
+divergence of every task's test predictions between the end of the segment
+that last trained it and the end of training, and at every chunk end the
+curves: task-1 test accuracy and KL drift since the end of segment 1, the
+chunk's mean online accuracy (each batch scored before its update), mean
+update norm, and for methods containing ``sal.protect`` its protection rate.
 """
 
 from __future__ import annotations
@@ -44,9 +41,7 @@ import cl_methods
 import cl_protocols
 
 FISHER_CHUNK = 32  # per-example gradients taken at once for the Fisher
-# sal.metrics read at every chunk end (the protection rate: at every step).
-SAL_SPECTRUM = ("protected_fraction", "neutral_fraction", "volatile_fraction",
-                "mean_score")
+REPLAY_BUFFER = 256  # examples kept by experience replay
 
 
 def init_mlp(seed: int, protocol: cl_protocols.Protocol
@@ -56,8 +51,7 @@ def init_mlp(seed: int, protocol: cl_protocols.Protocol
   The weights of zero-padded input columns and of output units no task uses
   are zero (so padding changes nothing, see
   ``cl_protocols.pad_to_common``); the fan-in is the real input count.
-  Drawn with numpy outside the jitted program: random-number generation
-  inlined in a vmapped XLA program multiplies its compile time.
+  Drawn with numpy outside the jitted program.
   """
   rng = np.random.default_rng(seed)
   sizes = protocol.layer_sizes
@@ -72,18 +66,20 @@ def init_mlp(seed: int, protocol: cl_protocols.Protocol
 
 
 def log_probs(params, x, class_mask):
-  """Log-softmax of the MLP's logits restricted to ``class_mask``."""
+  """Log-softmax of the MLP's logits restricted to ``class_mask``.
+
+  ``class_mask`` is ``[K]`` or per example ``[..., K]``.
+  """
   for layer in params[:-1]:
     x = jax.nn.relu(x @ layer["w"] + layer["b"])
   logits = x @ params[-1]["w"] + params[-1]["b"]
   return jax.nn.log_softmax(jnp.where(class_mask, logits, -1e9))
 
 
-def loss_fn(params, x, y, class_mask):
-  """Mean cross-entropy; returns ``(loss, log_probs)``."""
+def nll(params, x, y, class_mask):
+  """Per-example cross-entropy and the log-probabilities."""
   logp = log_probs(params, x, class_mask)
-  nll = -jnp.take_along_axis(logp, y[..., None], axis=-1)[..., 0]
-  return jnp.mean(nll), logp
+  return -jnp.take_along_axis(logp, y[..., None], axis=-1)[..., 0], logp
 
 
 def _accuracy(logp, y, valid):
@@ -97,25 +93,35 @@ def _kl(logp_then, logp_now, valid):
   return jnp.sum(jnp.where(valid, kl, 0.0)) / jnp.maximum(jnp.sum(valid), 1)
 
 
-def _distance(a, b):
-  return optax.global_norm(jax.tree.map(jnp.subtract, a, b))
-
-
-def _fisher(params, x, y, class_mask):
+def _fisher(params, x, y, masks):
   """Empirical Fisher diagonal over ``x``, in chunks of per-example grads."""
-  def example_loss(p, xy):
-    return loss_fn(p, xy[0][None], xy[1][None], class_mask)[0]
+  def example_loss(p, xym):
+    return nll(p, xym[0][None], xym[1][None], xym[2][None])[0][0]
 
   chunks = (x.reshape(-1, FISHER_CHUNK, x.shape[-1]),
-            y.reshape(-1, FISHER_CHUNK))
+            y.reshape(-1, FISHER_CHUNK),
+            masks.reshape(-1, FISHER_CHUNK, masks.shape[-1]))
   per_chunk = jax.lax.map(
       lambda c: contrib.empirical_fisher(example_loss, params, c), chunks)
   return jax.tree.map(lambda f: jnp.mean(f, 0), per_chunk)
 
 
 def method_key(seed: int) -> np.ndarray:
-  """The raw (uint32) PRNG key a method gets for ``seed`` (UPGD's noise)."""
+  """The raw (uint32) PRNG key a method gets for ``seed``."""
   return np.asarray([0, seed], np.uint32)
+
+
+def _reservoir(buffer, seen, rows, key):
+  """Reservoir sampling of ``rows`` into ``buffer`` (Vitter's algorithm R).
+
+  Rows of one batch that draw the same slot overwrite each other; the
+  buffer stays a uniform sample of the stream up to that.
+  """
+  n = seen + jnp.arange(rows.shape[0])
+  draw = jnp.floor(jax.random.uniform(key, rows.shape) * (n + 1))
+  slot = jnp.where(n < buffer.shape[0], n, draw.astype(jnp.int32))
+  slot = jnp.where(slot < buffer.shape[0], slot, buffer.shape[0])
+  return buffer.at[slot].set(rows, mode="drop"), seen + rows.shape[0]
 
 
 def _train_program(method: cl_methods.Method) -> Callable:
@@ -126,67 +132,96 @@ def _train_program(method: cl_methods.Method) -> Callable:
     opt_state = tx.init(params)
     with_sal = bool(sal.find_protect_states(opt_state))
     x_test, y_test, valid_test = data["test"]
-    masks = data["class_masks"]
+    x_val, y_val, valid_val = data["val"]
+    masks, row_task = data["class_masks"], data["row_task"]
 
-    def step(carry, rows, class_mask):
-      params, opt_state = carry
-      x, y = data["x_train"][rows], data["y_train"][rows]
-      (_, logp), grads = jax.value_and_grad(loss_fn, has_aux=True)(
-          params, x, y, class_mask)
+    def evaluated(opt_state, params):
+      if method.eval_params is None:
+        return params
+      return method.eval_params(opt_state, params)
+
+    def batch(rows):
+      return (data["x_train"][rows], data["y_train"][rows],
+              masks[row_task[rows]])
+
+    def step(carry, rows):
+      params, opt_state, buffer, seen, step_key = carry
+      x, y, m = batch(rows)
+      step_key, draw_key, keep_key = jax.random.split(step_key, 3)
+      if method.replay:
+        filled = jnp.minimum(seen, buffer.shape[0])
+        picks = jax.random.randint(draw_key, rows.shape, 0,
+                                   jnp.maximum(filled, 1))
+        replay_weight = jnp.where(seen > 0, hp["replay"], 0.0)
+
+      def loss(p):
+        losses, logp = nll(p, x, y, m)
+        total = jnp.mean(losses)
+        if method.replay:
+          xr, yr, mr = batch(buffer[picks])
+          total = total + replay_weight * jnp.mean(nll(p, xr, yr, mr)[0])
+        return total, logp
+
+      (_, logp), grads = jax.value_and_grad(loss, has_aux=True)(params)
       updates, opt_state = tx.update(grads, opt_state, params)
       params = optax.apply_updates(params, updates)
+      if method.replay:
+        buffer, seen = _reservoir(buffer, seen, rows, keep_key)
       stats = {"online_acc": jnp.mean(jnp.argmax(logp, -1) == y),
                "update_norm": optax.global_norm(updates)}
       if with_sal:
         stats["protection_rate"] = sal.metrics(opt_state)["protection_rate"]
-      return (params, opt_state), stats
+      return (params, opt_state, buffer, seen, step_key), stats
 
-    def chunk(carry, rows, class_mask):
-      params, opt_state, params_task1, logp_task1, logp_last = carry
-      (params, opt_state), stats = jax.lax.scan(
-          lambda c, r: step(c, r, class_mask), (params, opt_state), rows)
+    def chunk(carry, rows):
+      train_carry, logp_task1 = carry
+      train_carry, stats = jax.lax.scan(step, train_carry, rows)
       curves = jax.tree.map(lambda s: jnp.mean(s, 0), stats)
-      logp = log_probs(params, x_test[0], masks[0])
+      params, opt_state = train_carry[:2]
+      logp = log_probs(evaluated(opt_state, params), x_test[0], masks[0])
       curves["task1_acc"] = _accuracy(logp, y_test[0], valid_test[0])
       curves["kl_task1"] = _kl(logp_task1, logp, valid_test[0])
-      curves["weight_drift"] = _distance(params, params_task1)
-      if with_sal:
-        m = sal.metrics(opt_state)
-        curves.update({k: m[k] for k in SAL_SPECTRUM})
-      return (params, opt_state, params_task1, logp_task1, logp_last), curves
+      return (train_carry, logp_task1), curves
 
-    def task(carry, xs):
-      t, rows, fisher_row, class_mask = xs
-      carry, curves = jax.lax.scan(
-          lambda c, r: chunk(c, r, class_mask), carry, rows)
-      params, opt_state, params_task1, logp_task1, _ = carry
-      if method.consolidate is not None:
-        fisher = _fisher(params, data["x_train"][fisher_row],
-                         data["y_train"][fisher_row], class_mask)
-        opt_state = method.consolidate(opt_state, params, fisher, hp)
-      logp = jax.vmap(lambda x, m: log_probs(params, x, m))(x_test, masks)
-      acc_row = jax.vmap(_accuracy)(logp, y_test, valid_test)
-      first = t == 0
-      params_task1 = jax.tree.map(lambda a, b: jnp.where(first, a, b),
-                                  params, params_task1)
-      logp_task1 = jnp.where(first, logp[0], logp_task1)
-      return ((params, opt_state, params_task1, logp_task1, logp),
-              (curves, acc_row, logp[t]))
+    def segment(carry, xs):
+      index, task, rows, fisher_row = xs
+      train_carry, logp_task1, logp_saved, params_before = carry
+      (train_carry, _), curves = jax.lax.scan(
+          chunk, (train_carry, logp_task1), rows)
+      params, opt_state = train_carry[:2]
+      if method.boundary is not None:
+        def fisher():
+          return _fisher(params, *batch(fisher_row))
+        opt_state, params = method.boundary(opt_state, params, params_before,
+                                            fisher, hp)
+      train_carry = (params, opt_state, *train_carry[2:])
+      p_eval = evaluated(opt_state, params)
+      logp = jax.vmap(lambda x, m: log_probs(p_eval, x, m))(x_test, masks)
+      acc_test = jax.vmap(_accuracy)(logp, y_test, valid_test)
+      acc_val = jax.vmap(lambda x, y, v, m: _accuracy(
+          log_probs(p_eval, x, m), y, v))(x_val, y_val, valid_val, masks)
+      logp_saved = logp_saved.at[task].set(logp[task])
+      logp_task1 = jnp.where(index == 0, logp[0], logp_task1)
+      return ((train_carry, logp_task1, logp_saved, params),
+              (curves, acc_test, acc_val))
 
-    # Until task 1 ends, its reference predictions and params are
+    # Until segment 1 ends, task 1's reference predictions are
     # placeholders (run() masks the curves that use them).
     logp_test = jnp.zeros(y_test.shape + (masks.shape[-1],))
-    tasks = (jnp.arange(len(masks)), orders, fisher_rows, masks)
-    carry, (curves, acc, logp_after) = jax.lax.scan(
-        task, (params, opt_state, params, logp_test[0], logp_test), tasks)
-    params, _, params_task1, _, logp_end = carry
-    x_val, y_val, valid_val = data["val"]
+    buffer = jnp.zeros(REPLAY_BUFFER if method.replay else 1, jnp.int32)
+    train_carry = (params, opt_state, buffer, jnp.zeros([], jnp.int32),
+                   jax.random.wrap_key_data(key))
+    segments = (jnp.arange(len(orders)), data["segment_tasks"], orders,
+                fisher_rows)
+    carry, (curves, acc_test, acc_val) = jax.lax.scan(
+        segment, (train_carry, logp_test[0], logp_test, params), segments)
+    (params, opt_state, *_), _, logp_saved, _ = carry
+    p_eval = evaluated(opt_state, params)
+    logp_end = jax.vmap(lambda x, m: log_probs(p_eval, x, m))(x_test, masks)
     return {
-        "acc_matrix": acc,
-        "val_final_acc": jax.vmap(lambda x, y, v, m: _accuracy(
-            log_probs(params, x, m), y, v))(x_val, y_val, valid_val, masks),
-        "kl_per_task": jax.vmap(_kl)(logp_after, logp_end, valid_test),
-        "weight_drift": _distance(params, params_task1),
+        "acc_test": acc_test,
+        "acc_val": acc_val,
+        "kl_per_task": jax.vmap(_kl)(logp_saved, logp_end, valid_test),
         "online_acc": jnp.mean(curves["online_acc"]),
         "curves": jax.tree.map(lambda c: c.reshape(-1), curves),
     }
@@ -194,10 +229,8 @@ def _train_program(method: cl_methods.Method) -> Callable:
   return train
 
 
-# One jitted program per (method, compile mode): protocols with equal array
-# shapes (all of them under --quick) reuse its compilation.
+# One jitted program per method.
 _PROGRAMS: dict[tuple[str, bool], Callable] = {}
-_STEPS: dict[tuple[str, bool], Callable] = {}
 _COMPILED: set[tuple] = set()  # (method, fast_compile, argument shapes)
 # XLA options of ``fast_compile``: no LLVM optimisation. It halves compile
 # time, which dominates tiny runs, and slows elementwise code.
@@ -223,6 +256,8 @@ def _signature(args) -> tuple:
 def _run_arguments(protocol: cl_protocols.Protocol, seeds: list[int],
                    configs: dict[str, np.ndarray]) -> tuple:
   data = {"x_train": protocol.x_train, "y_train": protocol.y_train,
+          "row_task": protocol.row_task,
+          "segment_tasks": np.asarray(protocol.segment_tasks, np.int32),
           "class_masks": protocol.class_masks, "val": protocol.val,
           "test": protocol.test}
   orders, fisher_rows = zip(*(cl_protocols.batch_orders(protocol, s)
@@ -234,66 +269,26 @@ def _run_arguments(protocol: cl_protocols.Protocol, seeds: list[int],
           {k: jnp.asarray(v, jnp.float32) for k, v in configs.items()})
 
 
-def _step_arguments(protocol: cl_protocols.Protocol,
-                    method: cl_methods.Method, config: dict[str, float]):
-  """Params, optimizer state, class mask, hyperparameters and key."""
-  params = jax.tree.map(jnp.asarray, init_mlp(0, protocol))
-  hp = {k: jnp.float32(v) for k, v in config.items()}
-  key = method_key(0)
-  opt_state = method.make(hp, key).init(params)
-  return params, opt_state, jnp.asarray(protocol.class_masks[0]), hp, key
-
-
-def _batch(protocol: cl_protocols.Protocol, rng: np.random.Generator):
-  rows = rng.integers(*protocol.train_ranges[0],
-                      protocol.schedule.batch_size)
-  return jax.device_put((protocol.x_train[rows], protocol.y_train[rows]))
-
-
-def _step_program(method: cl_methods.Method, fast_compile: bool) -> Callable:
-  """A jitted single training step; the optimizer is built inside."""
-  key = (method.name, fast_compile)
-  if key not in _STEPS:
-    def train_step(params, opt_state, x, y, class_mask, hp, key):
-      tx = method.make(hp, key)
-      grads, _ = jax.grad(loss_fn, has_aux=True)(params, x, y, class_mask)
-      updates, opt_state = tx.update(grads, opt_state, params)
-      return optax.apply_updates(params, updates), opt_state
-    _STEPS[key] = jax.jit(
-        train_step, compiler_options=FAST_COMPILE if fast_compile else None)
-  return _STEPS[key]
-
-
 def precompile(protocol: cl_protocols.Protocol,
-               methods: list[cl_methods.Method], seeds: list[int],
-               quick: bool, workers: int = 2) -> None:
-  """Compiles the run and step programs of ``methods`` concurrently.
+               jobs: list[tuple[cl_methods.Method, dict[str, np.ndarray]]],
+               seeds: list[int], fast_compile: bool,
+               workers: int = 2) -> None:
+  """Compiles the run programs of ``jobs`` (method, configs) concurrently.
 
   XLA compiles outside the GIL, so on a multi-core machine this shortens the
-  compile phase; the later :func:`run` and :func:`step_times` calls find the
-  programs compiled (jit's cache is shared with ahead-of-time compiles).
-  The step programs are compiled for the first configuration; any other
-  has the same shapes.
-  ``quick`` selects the --quick configurations and :data:`FAST_COMPILE`.
+  compile phase; the later :func:`run` calls find the programs compiled
+  (jit's cache is shared with ahead-of-time compiles).
   """
-  rng = np.random.default_rng(0)
-
-  def compile_method(method):
-    configs = method.configs(quick)
+  def compile_job(job):
+    method, configs = job
     run_args = _run_arguments(protocol, seeds, configs)
-    key = (method.name, quick, _signature(run_args))
-    if key in _COMPILED:
-      return
-    _program(method, quick).lower(*run_args).compile()
-    params, opt_state, mask, hp, rng_key = _step_arguments(
-        protocol, method, {k: float(v[0]) for k, v in configs.items()})
-    _step_program(method, quick).lower(
-        params, opt_state, *_batch(protocol, rng), mask, hp,
-        rng_key).compile()
-    _COMPILED.add(key)
+    key = (method.name, fast_compile, _signature(run_args))
+    if key not in _COMPILED:
+      _program(method, fast_compile).lower(*run_args).compile()
+      _COMPILED.add(key)
 
   with concurrent.futures.ThreadPoolExecutor(workers) as pool:
-    list(pool.map(compile_method, methods))
+    list(pool.map(compile_job, jobs))
 
 
 def run(protocol: cl_protocols.Protocol, method: cl_methods.Method,
@@ -301,144 +296,22 @@ def run(protocol: cl_protocols.Protocol, method: cl_methods.Method,
         fast_compile: bool = False) -> dict:
   """Trains every (seed, config) pair; returns numpy arrays ``[S, C, ...]``.
 
-  ``fast_compile`` compiles with :data:`FAST_COMPILE` (for tiny runs).
-  Keys: ``acc_matrix [S, C, T, T]``, ``val_final_acc [S, C, T]``,
-  ``kl_per_task [S, C, T]``, ``weight_drift [S, C]``, ``online_acc [S, C]``
-  and ``curves`` (each ``[S, C, T * chunks_per_task]``; ``kl_task1`` and
-  ``weight_drift`` are NaN during task 1, before their reference exists),
-  plus ``seconds`` (wall time, including compilation unless precompiled).
+  Keys: ``acc_test`` and ``acc_val`` ``[S, C, segments, T]`` (``T`` the
+  protocol's real tasks; padded tasks are dropped), ``kl_per_task [S, C,
+  T]``, ``online_acc [S, C]`` and ``curves`` (each ``[S, C, segments *
+  chunks]``; ``kl_task1`` is NaN during segment 1, before its reference
+  exists), plus ``seconds`` (wall time, including compilation unless
+  precompiled).
   """
   start = time.perf_counter()
   out = _program(method, fast_compile)(
       *_run_arguments(protocol, seeds, configs))
   out = jax.tree.map(np.array, out)
-  during_task1 = slice(0, protocol.schedule.chunks_per_task)
-  for name in ("kl_task1", "weight_drift"):
-    out["curves"][name][..., during_task1] = np.nan
+  t = protocol.num_tasks
+  out["acc_test"] = out["acc_test"][..., :t]
+  out["acc_val"] = out["acc_val"][..., :t]
+  out["kl_per_task"] = out["kl_per_task"][..., :t]
+  out["curves"]["kl_task1"][
+      ..., :protocol.schedule.chunks_per_segment] = np.nan
   out["seconds"] = time.perf_counter() - start
   return out
-
-
-def step_times(protocol: cl_protocols.Protocol,
-               chosen: list[tuple[cl_methods.Method, dict[str, float]]],
-               steps: int, rounds: int = 10, warmup: int = 5,
-               fast_compile: bool = False) -> list[float]:
-  """Median seconds of one jitted training step, per (method, config).
-
-  Forward, backward, optimizer update and apply, on batches of the
-  protocol's size from its first task; each call is timed to completion.
-  The methods are timed in turns (``rounds`` blocks of ``steps / rounds``
-  steps each, after ``warmup`` calls), so that a change in the machine's
-  load affects them alike. The hyperparameters are jit arguments (as in the
-  vmapped run), which costs the same as constants. With ``fast_compile``
-  the timings are not representative.
-  """
-  rng = np.random.default_rng(0)
-  states, times = [], [[] for _ in chosen]
-  for method, config in chosen:
-    params, opt_state, mask, hp, key = _step_arguments(protocol, method,
-                                                      config)
-    states.append([_step_program(method, fast_compile), params, opt_state,
-                   mask, hp, key])
-  blocks = [warmup] + [max(steps // rounds, 1)] * rounds
-  for b, block in enumerate(blocks):
-    for i, state in enumerate(states):
-      train_step, params, opt_state, mask, hp, key = state
-      for _ in range(block):
-        x, y = jax.block_until_ready(_batch(protocol, rng))
-        start = time.perf_counter()
-        params, opt_state = jax.block_until_ready(
-            train_step(params, opt_state, x, y, mask, hp, key))
-        if b > 0:
-          times[i].append(time.perf_counter() - start)
-      state[1:3] = params, opt_state
-  return [float(np.median(t)) for t in times]
-
-
-# -- Metrics of an accuracy matrix (Avalanche's definitions) ----------------
-
-
-def average_accuracy(acc_matrix: np.ndarray) -> np.ndarray:
-  """Mean over all tasks of the final accuracy, ``mean_j R[T-1, j]``."""
-  return np.mean(acc_matrix[..., -1, :], -1)
-
-
-def forgetting(acc_matrix: np.ndarray) -> np.ndarray:
-  """Avalanche's stream forgetting: ``mean_{j<T-1} (R[j, j] - R[T-1, j])``.
-
-  The accuracy on a task right after training it minus its final accuracy,
-  averaged over the tasks before the last (Avalanche's
-  ``StreamForgetting`` at the end of the stream).
-  """
-  diag = np.diagonal(acc_matrix, axis1=-2, axis2=-1)[..., :-1]
-  return np.mean(diag - acc_matrix[..., -1, :-1], -1)
-
-
-def bwt(acc_matrix: np.ndarray) -> np.ndarray:
-  """Backward transfer, ``mean_{j<T-1} (R[T-1, j] - R[j, j])``.
-
-  Avalanche's ``StreamBWT``, which it defines as minus the forgetting.
-  """
-  return -forgetting(acc_matrix)
-
-
-def plasticity(acc_matrix: np.ndarray) -> np.ndarray:
-  """Accuracy on each task right after training it, ``mean_j R[j, j]``."""
-  return np.mean(np.diagonal(acc_matrix, axis1=-2, axis2=-1), -1)
-
-
-def select_config(val_final_acc: np.ndarray) -> int:
-  """Index of the configuration with the best mean validation accuracy.
-
-  ``val_final_acc`` is ``[S, C, T]`` (validation accuracy of every task at
-  the end); the score is its mean over tasks and seeds.
-  """
-  return int(np.argmax(val_final_acc.mean(axis=(0, 2))))
-
-
-def summarize(raw: dict, configs: dict[str, np.ndarray]) -> dict:
-  """Selects a configuration on validation and measures it on test.
-
-  Args:
-    raw: the output of :func:`run`.
-    configs: the configurations it ran.
-
-  Returns:
-    A JSON-ready dict: ``chosen`` (index) and ``config``; ``val_avg_acc``
-    and ``test_avg_acc`` of every configuration per seed (``[S][C]``);
-    ``per_seed``: every metric of the chosen configuration per seed
-    (``acc_matrix``, ``kl_per_task`` and the scalars); ``mean`` and ``std``
-    of the scalar metrics over seeds; ``curves`` of the chosen
-    configuration per seed. ``kl_mean`` averages the KL drift over the
-    earlier tasks (``j < T - 1``), ``task1_final_acc`` is ``R[T-1, 0]``,
-    ``update_norm`` (and for SAL methods ``protection_rate``) the mean
-    over the run.
-  """
-  c = select_config(raw["val_final_acc"])
-  acc = raw["acc_matrix"][:, c]
-  kl = raw["kl_per_task"][:, c]
-  scalars = {
-      "avg_acc": average_accuracy(acc),
-      "bwt": bwt(acc),
-      "forgetting": forgetting(acc),
-      "plasticity": plasticity(acc),
-      "task1_final_acc": acc[:, -1, 0],
-      "kl_task1": kl[:, 0],
-      "kl_mean": kl[:, :-1].mean(-1),
-      "weight_drift": raw["weight_drift"][:, c],
-      "online_acc": raw["online_acc"][:, c],
-  }
-  for name in ("update_norm", "protection_rate"):
-    if name in raw["curves"]:
-      scalars[name] = raw["curves"][name][:, c].mean(-1)
-  return {
-      "chosen": c,
-      "config": {k: float(v[c]) for k, v in configs.items()},
-      "val_avg_acc": raw["val_final_acc"].mean(-1).tolist(),
-      "test_avg_acc": average_accuracy(raw["acc_matrix"]).tolist(),
-      "per_seed": {**{k: v.tolist() for k, v in scalars.items()},
-                   "acc_matrix": acc.tolist(), "kl_per_task": kl.tolist()},
-      "mean": {k: float(np.mean(v)) for k, v in scalars.items()},
-      "std": {k: float(np.std(v)) for k, v in scalars.items()},
-      "curves": {k: v[:, c].tolist() for k, v in raw["curves"].items()},
-  }

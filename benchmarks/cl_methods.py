@@ -3,16 +3,21 @@
 Each method is a factory ``make(hp, key) -> optax transformation`` whose
 hyperparameters ``hp`` arrive as traced scalars (one jitted program trains
 every configuration of the grid under ``vmap``), ``key`` a per-seed raw
-PRNG key (UPGD's noise), plus a tuning grid. Every method gets the same budget
-(6 configurations; 2 with ``--quick``) and the learning rate is always part
-of it: 6 learning rates for methods without a strength, 3 learning rates x 2
-strengths for the others. Task-boundary methods (EWC, online EWC) also have a
-``consolidate`` hook the engine calls at every task end with the empirical
-Fisher of the task; on the task-free stream the engine feeds it the known
-permutation switches ("oracle boundaries").
+PRNG key (UPGD's noise), plus a tuning grid and optional hooks for the
+engine (``cl_engine``): ``boundary`` at every segment end (on task-free
+protocols these are *oracle* boundaries), ``eval_params`` for the weights
+evaluated, ``replay`` for a reservoir buffer of earlier examples.
 
-``SAL_NEW`` names the estimator (and any extra ``sal.protect`` arguments)
-of the ``sal`` entry, so the new SAL is switched in here in one line.
+Every method gets the same budget of :data:`BUDGET` configurations, the
+learning rate always among them: AdamW and SGD 6 learning rates x 2 values
+of their second knob (weight decay, momentum); the reference SAL 6 learning
+rates x 2 thresholds; every other method 3 learning rates x 4 values of its
+knob (the strength, the average's decay, the filtered fraction, the replay
+weight, the interpolation coefficient). The learning-rate grids are centred
+per protocol (:data:`LR_CENTER`, AdamW's best on pilot runs), in
+half-decade steps; the internal decays of the penalties (SAL's included)
+stay at their library defaults, the same rule for every method.
+``--quick`` keeps 2 configurations.
 """
 
 from __future__ import annotations
@@ -27,24 +32,13 @@ import optax
 import sal_jax as sal
 from sal_jax import contrib
 
-SAL_NEW = dict()  # protect's defaults: shift consolidation, per element,
-                 # no gate, restoring pull
-
-# Grids: half-decade learning-rate steps; strengths a "weak" and a "strong"
-# value two decades apart. The ranges were placed on validation accuracy of
-# shortened pilot runs (5 pmnist tasks, 5 digits_domain tasks, 6 stream
-# segments): AdamW's best learning rate is 3e-4 to 3e-3 there, and each
-# penalty's best strength lies in, or just outside, its pair.
-ADAM_LRS = (3e-5, 1e-4, 3e-4, 1e-3, 3e-3, 1e-2)
-SGD_LRS = (1e-3, 3e-3, 1e-2, 3e-2, 1e-1, 3e-1)
-ADAM_LRS_3 = (3e-4, 1e-3, 3e-3)
-# The restoring pull's pair, placed on validation accuracy (each protocol's
-# best configuration, summed over the four protocols, 3 seeds) among
-# {0.3, 1}: 2.523, {0.3, 3}: 2.515, {0.3, 10}: 2.523 and {1, 30}: 2.533.
-# Those runs spelled "no gate" threshold=1.0, which protect clipped to 0.9
-# (a soft gate on scores above 0.9); gate="none" scored 2.541 with {1, 30}.
-SAL_RESTORE = (1.0, 30.0)
-ONLINE_EWC_DECAY = 0.9  # gamma of online EWC (Schwarz et al.), fixed
+BUDGET = 12
+LR_CENTER = {"pmnist": 3e-3, "digits_task": 3e-3, "digits_domain": 3e-3,
+             "stream": 1e-3, "recurring": 3e-3, "gradual": 3e-3}
+SGD_FACTOR = 30.0  # SGD's learning rates sit this much above Adam's
+HALF_DECADES_6 = (1 / 30, 1 / 10, 1 / 3, 1.0, 3.0, 10.0)
+HALF_DECADES_3 = (1 / 3, 1.0, 3.0)
+ONLINE_EWC_DECAY = 0.9  # gamma of online EWC (Schwarz et al.)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -56,42 +50,76 @@ class Method:
     description: the optax expression, for the report.
     make: ``make(hp, key)`` -> the transformation; ``hp`` maps the grid's
       axes to (traced) scalars.
-    grid: axis name -> values; the configurations are their product.
-    consolidate: optional task-end hook ``(opt_state, params, fisher, hp) ->
-      opt_state``.
+    knob: the axis other than the learning rate that trades plasticity for
+      retention ("lr" when there is none).
+    grid: axis -> values, the learning rate as multiples of the protocol's
+      :data:`LR_CENTER` (times :data:`SGD_FACTOR` for ``sgd_scale``).
+    sgd_scale: the method's learning rate is SGD-like.
+    boundary: optional ``(opt_state, params, params_before, fisher_fn, hp)
+      -> (opt_state, params)`` at every segment end.
+    eval_params: optional ``(opt_state, params) -> params`` evaluated.
+    replay: mixes a replayed batch into every step (``hp["replay"]`` is its
+      loss weight).
   """
   name: str
   description: str
   make: Callable[[dict, Any], optax.GradientTransformation]
+  knob: str
   grid: dict[str, tuple[float, ...]]
-  consolidate: Callable | None = None
+  sgd_scale: bool = False
+  boundary: Callable | None = None
+  eval_params: Callable | None = None
+  replay: bool = False
 
-  def configs(self, quick: bool = False) -> dict[str, np.ndarray]:
+  def configs(self, protocol: str, quick: bool = False
+              ) -> dict[str, np.ndarray]:
     """The configurations as ``{axis: float array [C]}``.
 
-    ``quick`` keeps two neighbouring learning rates from the upper middle of
-    the grid and the first value of every other axis.
+    ``quick`` keeps the learning-rate centre and the first and last value
+    of the knob (or two learning rates when the knob is the rate).
     """
+    center = LR_CENTER[protocol] * (SGD_FACTOR if self.sgd_scale else 1.0)
     grid = dict(self.grid)
+    grid["lr"] = tuple(center * f for f in grid["lr"])
     if quick:
-      lrs = grid["lr"]
-      middle = len(lrs) // 2
-      grid = {k: (v[middle:middle + 2] if k == "lr" else v[:1])
-              for k, v in grid.items()}
+      grid = {k: v[:1] for k, v in grid.items()}
+      if self.knob == "lr":
+        grid["lr"] = (center, 3 * center)
+      else:
+        grid["lr"] = (center,)
+        grid[self.knob] = (self.grid[self.knob][0], self.grid[self.knob][-1])
     names = list(grid)
     rows = list(itertools.product(*(grid[k] for k in names)))
-    return {k: np.asarray([r[i] for r in rows])
+    return {k: np.asarray([r[i] for r in rows], np.float64)
             for i, k in enumerate(names)}
 
 
-def _ewc_consolidate(online: bool) -> Callable:
-  def consolidate(opt_state, params, fisher, hp):
-    del hp
+def _ewc_boundary(online: bool) -> Callable:
+  def boundary(opt_state, params, params_before, fisher, hp):
+    del params_before, hp
     if online:
-      return contrib.ewc_consolidate(opt_state, params, fisher, online=True,
-                                     decay=ONLINE_EWC_DECAY)
-    return contrib.ewc_consolidate(opt_state, params, fisher)
-  return consolidate
+      opt_state = contrib.ewc_consolidate(opt_state, params, fisher(),
+                                          online=True,
+                                          decay=ONLINE_EWC_DECAY)
+    else:
+      opt_state = contrib.ewc_consolidate(opt_state, params, fisher())
+    return opt_state, params
+  return boundary
+
+
+def _wise_ft_boundary(opt_state, params, params_before, fisher, hp):
+  """WiSE-FT at a boundary: ``theta_before + alpha (theta - theta_before)``."""
+  del fisher
+  alpha = hp["alpha"]
+  mixed = optax.tree_utils.tree_add_scale(
+      params_before, alpha,
+      optax.tree_utils.tree_sub(params, params_before))
+  return opt_state, mixed
+
+
+def _averaged(opt_state, params):
+  del params
+  return contrib.averaged_params(opt_state)
 
 
 def _penalty_then_adamw(penalty: Callable) -> Callable:
@@ -99,45 +127,81 @@ def _penalty_then_adamw(penalty: Callable) -> Callable:
                                      optax.adamw(hp["lr"]))
 
 
+def _adamw(hp, key):
+  return optax.adamw(hp["lr"])
+
+
+STRENGTHS_EWC = (10.0, 100.0, 1e3, 1e4)
+STRENGTHS_PATH = (0.01, 0.1, 1.0, 10.0)  # SI and MAS
 METHODS = {m.name: m for m in (
-    Method("adamw", "optax.adamw(lr)",
-           lambda hp, key: optax.adamw(hp["lr"]), {"lr": ADAM_LRS}),
-    Method("sgd", "optax.sgd(lr)",
-           lambda hp, key: optax.sgd(hp["lr"]), {"lr": SGD_LRS}),
-    Method("sal_reference", "chain(sal.protect(estimator='reference'), "
-           "adamw(lr))",
-           lambda hp, key: optax.chain(sal.protect(estimator="reference"),
-                                       optax.adamw(hp["lr"])),
-           {"lr": ADAM_LRS}),
-    Method("sal", f"chain(sal.protect(**{SAL_NEW}, restore=strength), "
-           "adamw(lr))",
+    Method("adamw", "optax.adamw(lr, weight_decay=wd)",
+           lambda hp, key: optax.adamw(hp["lr"], weight_decay=hp["wd"]),
+           "lr", {"lr": HALF_DECADES_6, "wd": (1e-4, 1e-2)}),
+    Method("sgd", "optax.sgd(lr, momentum)",
            lambda hp, key: optax.chain(
-               sal.protect(**SAL_NEW, restore=hp["strength"]),
+               optax.trace(hp["momentum"]),
+               optax.scale_by_learning_rate(hp["lr"])),
+           "lr", {"lr": HALF_DECADES_6, "momentum": (0.0, 0.9)},
+           sgd_scale=True),
+    Method("sal", "chain(sal.protect(restore=strength), adamw(lr)) "
+           "(protect's default: restore=1)",
+           lambda hp, key: optax.chain(sal.protect(restore=hp["strength"]),
+                                       optax.adamw(hp["lr"])),
+           "strength", {"lr": HALF_DECADES_3,
+                        "strength": (1.0, 10.0, 100.0, 1000.0)}),
+    Method("sal_reference", "chain(sal.protect(estimator='reference', "
+           "threshold), adamw(lr))",
+           lambda hp, key: optax.chain(
+               sal.protect(estimator="reference", threshold=hp["threshold"]),
                optax.adamw(hp["lr"])),
-           {"lr": ADAM_LRS_3, "strength": SAL_RESTORE}),
-    Method("ewc", "chain(contrib.ewc(strength), adamw(lr)) + ewc_consolidate",
-           _penalty_then_adamw(contrib.ewc),
-           {"lr": ADAM_LRS_3, "strength": (10.0, 1000.0)},
-           consolidate=_ewc_consolidate(online=False)),
-    Method("online_ewc",
-           f"ewc + ewc_consolidate(online=True, decay={ONLINE_EWC_DECAY})",
-           _penalty_then_adamw(contrib.ewc),
-           {"lr": ADAM_LRS_3, "strength": (10.0, 1000.0)},
-           consolidate=_ewc_consolidate(online=True)),
+           "lr", {"lr": HALF_DECADES_6, "threshold": (0.5, 0.9)}),
+    Method("ewc", "chain(contrib.ewc(strength), adamw(lr)) + ewc_consolidate "
+           "at boundaries", _penalty_then_adamw(contrib.ewc), "strength",
+           {"lr": HALF_DECADES_3, "strength": STRENGTHS_EWC},
+           boundary=_ewc_boundary(online=False)),
+    Method("online_ewc", "ewc + ewc_consolidate(online=True, "
+           f"decay={ONLINE_EWC_DECAY}) at boundaries",
+           _penalty_then_adamw(contrib.ewc), "strength",
+           {"lr": HALF_DECADES_3, "strength": STRENGTHS_EWC},
+           boundary=_ewc_boundary(online=True)),
     Method("streaming_ewc", "chain(contrib.streaming_ewc(strength), adamw)",
-           _penalty_then_adamw(contrib.streaming_ewc),
-           {"lr": ADAM_LRS_3, "strength": (10.0, 1000.0)}),
+           _penalty_then_adamw(contrib.streaming_ewc), "strength",
+           {"lr": HALF_DECADES_3, "strength": STRENGTHS_EWC}),
     Method("streaming_si", "chain(contrib.streaming_si(strength), adamw)",
-           _penalty_then_adamw(contrib.streaming_si),
-           {"lr": ADAM_LRS_3, "strength": (0.1, 10.0)}),
+           _penalty_then_adamw(contrib.streaming_si), "strength",
+           {"lr": HALF_DECADES_3, "strength": STRENGTHS_PATH}),
     Method("streaming_mas", "chain(contrib.streaming_mas(strength), adamw)",
-           _penalty_then_adamw(contrib.streaming_mas),
-           {"lr": ADAM_LRS_3, "strength": (0.1, 10.0)}),
+           _penalty_then_adamw(contrib.streaming_mas), "strength",
+           {"lr": HALF_DECADES_3, "strength": STRENGTHS_PATH}),
     Method("l2_init", "chain(contrib.l2_init(strength), adamw)",
-           _penalty_then_adamw(contrib.l2_init),
-           {"lr": ADAM_LRS_3, "strength": (1e-3, 1e-1)}),
+           _penalty_then_adamw(contrib.l2_init), "strength",
+           {"lr": HALF_DECADES_3, "strength": (1e-4, 1e-3, 1e-2, 1e-1)}),
     Method("upgd", "contrib.upgd(lr, noise_std=noise)",
            lambda hp, key: contrib.upgd(hp["lr"], noise_std=hp["noise"],
                                         key=key),
-           {"lr": (3e-2, 1e-1, 3e-1), "noise": (1e-3, 1e-2)}),
+           "noise", {"lr": HALF_DECADES_3,
+                     "noise": (1e-4, 1e-3, 1e-2, 1e-1)}, sgd_scale=True),
+    Method("weight_average", "chain(adamw(lr), contrib.weight_average(decay))"
+           ", evaluated on the average",
+           lambda hp, key: optax.chain(optax.adamw(hp["lr"]),
+                                       contrib.weight_average(hp["decay"])),
+           "decay", {"lr": HALF_DECADES_3,
+                     "decay": (0.9, 0.99, 0.999, 0.9999)},
+           eval_params=_averaged),
+    Method("wise_ft", "adamw(lr); at boundaries theta <- theta_before + "
+           "alpha (theta - theta_before)", _adamw, "alpha",
+           {"lr": HALF_DECADES_3, "alpha": (0.2, 0.4, 0.6, 0.8)},
+           boundary=_wise_ft_boundary),
+    Method("momentum_filter", "contrib.momentum_filter(lr, fraction) (MoFO)",
+           lambda hp, key: contrib.momentum_filter(hp["lr"],
+                                                   hp["fraction"]),
+           "fraction", {"lr": HALF_DECADES_3,
+                        "fraction": (0.01, 0.03, 0.1, 0.3)}),
+    Method("replay", "adamw(lr) on each batch + replay weight x a batch "
+           "from a reservoir buffer of 256 earlier examples", _adamw, "replay", {"lr": HALF_DECADES_3,
+                              "replay": (0.25, 0.5, 1.0, 2.0)},
+           replay=True),
 )}
+BOUNDARY_METHODS = tuple(n for n, m in METHODS.items()
+                         if m.boundary is not None)
+REFERENCE_METHODS = ("replay",)  # store old data: reported apart

@@ -1,25 +1,31 @@
 """Continual-learning protocols on data that ships offline.
 
-Every protocol is a sequence of *tasks* (for the task-free stream: the
-segments between permutation switches) with train / validation / test
-splits, laid out as fixed-shape arrays so one jitted program trains every
-seed and hyperparameter configuration:
+A protocol is a sequence of training *segments*, each drawn from one of its
+*tasks* (a task may recur), with train / validation / test splits per task,
+laid out as fixed-shape arrays so one jitted program trains every seed and
+hyperparameter configuration. Every task is trained until its validation
+accuracy has plateaued: the schedules below give AdamW at least 0.9x the
+accuracy of the same network trained on that task alone (measured by
+``continual.py`` and recorded as ``single_task_accuracy``).
 
-* ``pmnist``: permuted MNIST-1D (``mnist1d.data.make_dataset``, generated
-  locally), each task a fixed permutation of the 40 input positions (task 0
-  unpermuted), one shared 10-way head.
+* ``pmnist``: permuted MNIST-1D (``mnist1d``, generated locally), 5 tasks,
+  each a fixed permutation of the 40 input positions (task 0 unpermuted),
+  one shared 10-way head; task boundaries known.
 * ``digits_task``: scikit-learn's digits split into the pairs 0/1, 2/3, ...,
-  task-incremental. The network has a 10-way output whose logits are masked
-  to the current task's two classes at train and test time; that is
-  equivalent to one 2-way head per task (each task owns two output units,
-  and the softmax sees only those).
+  task-incremental: the 10-way output's logits are masked to the current
+  task's two classes at train and test time (one 2-way head per task).
 * ``digits_domain``: the same pairs, domain-incremental: one shared 2-way
   head, label = first or second digit of the pair.
-* ``stream``: a task-free stream of input-permuted MNIST-1D whose
-  permutation changes every ``steps_per_task`` steps, with small batches;
-  methods get no boundary signal (EWC and online EWC use the known switches
-  as *oracle boundaries*). Its headline metric is the online accuracy (each
-  incoming batch scored before the update, as in UPGD).
+* ``stream``: task-free permuted MNIST-1D with small batches; the
+  permutation switches abruptly, no boundary is given. Headline: online
+  accuracy (each batch scored before its update).
+* ``recurring``: task-free permuted MNIST-1D whose tasks return: A B A C A.
+* ``gradual``: task-free permuted MNIST-1D whose distribution drifts: over
+  the first half of each segment the share of examples from the new task
+  rises linearly from 0 to 1 (no abrupt switch to detect).
+
+On the task-free protocols, methods that need boundaries (EWC, online EWC,
+WiSE-FT) are given the segment ends as *oracle boundaries*.
 
 Splits: the MNIST-1D training set (4000) is split 3200 / 800 into train and
 validation, its 1000 test examples are the test split; digits are split
@@ -27,10 +33,10 @@ validation, its 1000 test examples are the test split; digits are split
 first part is the validation split. The data (permutations and splits) is
 the same for every seed; seeds change the initialisation and batch order.
 
-The network is an MLP with two hidden layers of 256 ReLU units (40-256-256-10
-on MNIST-1D, 64-256-256-10 or -2 on digits). ``--quick`` shrinks everything
-(:data:`QUICK_SCHEDULE`, 64 hidden units, the first 200 evaluation examples
-of a task) and pads all protocols to common shapes (:func:`pad_to_common`).
+The network is an MLP with two hidden layers of 100 ReLU units. ``--quick``
+shrinks everything (:data:`QUICK_SCHEDULE`, 32 hidden units, the first 200
+evaluation examples of a task, 3 segments) and pads all protocols to common
+shapes (:func:`pad_to_common`) so one compilation per method serves them.
 """
 
 from __future__ import annotations
@@ -40,10 +46,14 @@ import functools
 
 import numpy as np
 
-PROTOCOLS = ("pmnist", "digits_task", "digits_domain", "stream")
+PROTOCOLS = ("pmnist", "digits_task", "digits_domain", "stream", "recurring",
+             "gradual")
+TASK_FREE = ("stream", "recurring", "gradual")
 DIGIT_PAIRS = ((0, 1), (2, 3), (4, 5), (6, 7), (8, 9))
 MNIST1D_VAL = 800  # validation examples taken from the MNIST-1D train set
-PERMUTATION_SEEDS = {"pmnist": 0, "stream": 1}
+PERMUTATION_SEEDS = {"pmnist": 0, "stream": 1, "recurring": 2, "gradual": 3}
+SEGMENT_TASKS = {"recurring": (0, 1, 0, 2, 0)}
+RAMP_FRACTION = {"gradual": 0.5}  # share of a segment spent drifting in
 
 
 @dataclasses.dataclass(frozen=True)
@@ -51,36 +61,36 @@ class Schedule:
   """How long a protocol trains and how finely it is observed.
 
   Attributes:
-    num_tasks: tasks (stream: permutations).
+    num_segments: training segments (tasks, or stream segments).
     batch_size: examples per step.
-    steps_per_task: optimizer steps per task (stream: between switches).
-    chunks_per_task: evaluation points per task (the curves' resolution).
-    fisher_examples: examples for the empirical Fisher at a task end (EWC),
+    steps_per_segment: optimizer steps per segment.
+    chunks_per_segment: evaluation points per segment (curve resolution).
+    fisher_examples: examples for the empirical Fisher at a boundary (EWC),
       a multiple of 32 (``cl_engine.FISHER_CHUNK``).
   """
-  num_tasks: int
+  num_segments: int
   batch_size: int
-  steps_per_task: int
-  chunks_per_task: int
+  steps_per_segment: int
+  chunks_per_segment: int
   fisher_examples: int
 
 
-# Full schedules. pmnist: 3 epochs of 3200 / 64 per task; digits: about 10
-# epochs of the ~200 training examples of a pair; stream: 12 permutations,
-# switching every 200 steps of 8 examples.
+# Full schedules (epochs of a task's 3200 MNIST-1D / ~200 digits examples):
+# pmnist 12, digits 16, stream 4 at batch 16, recurring 10 per visit,
+# gradual 12 per segment. Placed on AdamW pilot runs so that every task
+# plateaus (see the module docstring).
 SCHEDULES = {
-    "pmnist": Schedule(10, 64, 150, 5, 256),
-    "digits_task": Schedule(5, 32, 60, 5, 128),
-    "digits_domain": Schedule(5, 32, 60, 5, 128),
-    "stream": Schedule(12, 8, 200, 10, 256),
+    "pmnist": Schedule(5, 64, 600, 6, 256),
+    "digits_task": Schedule(5, 32, 100, 5, 128),
+    "digits_domain": Schedule(5, 32, 100, 5, 128),
+    "stream": Schedule(5, 16, 800, 8, 256),
+    "recurring": Schedule(5, 64, 500, 5, 256),
+    "gradual": Schedule(4, 64, 600, 6, 256),
 }
-# --quick: one small schedule for every protocol, so that (after
-# :func:`pad_to_common`) all protocols share array shapes and one compiled
-# program per method serves them all.
 QUICK_SCHEDULE = Schedule(3, 16, 30, 3, 32)
 QUICK_EVAL_EXAMPLES = 200  # --quick evaluates on the first 200 per task
-HIDDEN = (256, 256)
-QUICK_HIDDEN = (64, 64)
+HIDDEN = (100, 100)
+QUICK_HIDDEN = (32, 32)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -92,13 +102,19 @@ class Protocol:
     title: one-line description.
     schedule: the :class:`Schedule`.
     hidden: hidden layer widths of the MLP.
-    num_inputs: input features carrying data; the columns of ``x_train``
-      beyond it are zero padding (see :func:`pad_to_common`).
+    num_inputs: input features carrying data; further columns of
+      ``x_train`` are zero padding (see :func:`pad_to_common`).
     num_outputs: width of the output layer.
+    num_tasks: distinct tasks; further rows of ``class_masks``, ``val`` and
+      ``test`` are padding.
     task_free: no task boundaries are given to the methods.
+    segment_tasks: the task trained in each segment.
+    ramp_steps: steps at the start of each segment over which the data
+      drift from the previous segment's task to the new one (0: abrupt).
     x_train: ``[N, D]`` training inputs of all tasks, concatenated.
     y_train: ``[N]`` labels.
-    train_ranges: per task, the ``(start, stop)`` of its rows in ``x_train``.
+    row_task: ``[N]`` the task of each training row.
+    train_ranges: per task, the ``(start, stop)`` of its rows.
     class_masks: ``[T, K]`` bool, the output units a task uses.
     val: ``(x [T, M, D], y [T, M], valid [T, M])``, padded per task.
     test: the same for the test split.
@@ -109,17 +125,17 @@ class Protocol:
   hidden: tuple[int, ...]
   num_inputs: int
   num_outputs: int
+  num_tasks: int
   task_free: bool
+  segment_tasks: tuple[int, ...]
+  ramp_steps: int
   x_train: np.ndarray
   y_train: np.ndarray
+  row_task: np.ndarray
   train_ranges: tuple[tuple[int, int], ...]
   class_masks: np.ndarray
   val: tuple[np.ndarray, np.ndarray, np.ndarray]
   test: tuple[np.ndarray, np.ndarray, np.ndarray]
-
-  @property
-  def num_tasks(self) -> int:
-    return len(self.train_ranges)
 
   @property
   def layer_sizes(self) -> tuple[int, ...]:
@@ -130,8 +146,7 @@ class Protocol:
 def _mnist1d() -> tuple[np.ndarray, ...]:
   """MNIST-1D generated with its default arguments (seed 42)."""
   from mnist1d.data import get_dataset_args, make_dataset
-  args = get_dataset_args()
-  data = make_dataset(args)
+  data = make_dataset(get_dataset_args())
   x, y = data["x"].astype(np.float32), data["y"].astype(np.int32)
   return (x[MNIST1D_VAL:], y[MNIST1D_VAL:], x[:MNIST1D_VAL], y[:MNIST1D_VAL],
           data["x_test"].astype(np.float32), data["y_test"].astype(np.int32))
@@ -184,25 +199,43 @@ def _pad_split(tasks: list[dict], split: str, num_inputs: int):
   return xs, ys, valid
 
 
+def _segment_tasks(name: str, num_segments: int) -> tuple[int, ...]:
+  if name in SEGMENT_TASKS:
+    tasks = SEGMENT_TASKS[name]
+    return tasks[:num_segments] if num_segments <= len(tasks) else tasks
+  return tuple(range(num_segments))
+
+
 def build(name: str, quick: bool = False) -> Protocol:
   """The protocol ``name`` with its full or ``--quick`` schedule."""
   if name not in PROTOCOLS:
     raise ValueError(f"unknown protocol {name!r}; expected one of "
                      f"{list(PROTOCOLS)}")
   schedule = QUICK_SCHEDULE if quick else SCHEDULES[name]
-  if name in ("pmnist", "stream"):
-    tasks = _permuted_mnist1d(schedule.num_tasks, PERMUTATION_SEEDS[name])
-    num_outputs = 10
-  else:
-    tasks = _split_digits(schedule.num_tasks, domain=name == "digits_domain")
+  segment_tasks = _segment_tasks(name, schedule.num_segments)
+  if len(segment_tasks) != schedule.num_segments:
+    raise ValueError(f"{name}: {len(segment_tasks)} segment tasks for "
+                     f"{schedule.num_segments} segments")
+  num_tasks = max(segment_tasks) + 1
+  if name.startswith("digits"):
+    tasks = _split_digits(num_tasks, domain=name == "digits_domain")
     num_outputs = 2 if name == "digits_domain" else 10
+  else:
+    tasks = _permuted_mnist1d(num_tasks, PERMUTATION_SEEDS[name])
+    num_outputs = 10
+  s = schedule
   titles = {
-      "pmnist": "permuted MNIST-1D, shared 10-way head",
+      "pmnist": "permuted MNIST-1D, shared 10-way head, boundaries known",
       "digits_task": "split digits, task-incremental (head masked per task)",
       "digits_domain": "split digits, domain-incremental (shared 2-way head)",
-      "stream": (f"task-free stream: permuted MNIST-1D, permutation switches"
-                 f" every {schedule.steps_per_task} steps, batch "
-                 f"{schedule.batch_size}"),
+      "stream": (f"task-free stream: permuted MNIST-1D, abrupt switches "
+                 f"every {s.steps_per_segment} steps of batch "
+                 f"{s.batch_size}"),
+      "recurring": ("task-free, recurring tasks: permuted MNIST-1D in the "
+                    f"order {'-'.join('ABC'[t] for t in segment_tasks)}"),
+      "gradual": ("task-free, gradual drift: permuted MNIST-1D, the new "
+                  "task's share of each batch rises linearly over the first "
+                  f"{RAMP_FRACTION.get(name, 0):.0%} of a segment"),
   }
   if quick:
     for t in tasks:
@@ -216,14 +249,38 @@ def build(name: str, quick: bool = False) -> Protocol:
   return Protocol(
       name=name, title=titles[name], schedule=schedule,
       hidden=QUICK_HIDDEN if quick else HIDDEN,
-      num_inputs=num_inputs, num_outputs=num_outputs,
-      task_free=name == "stream",
+      num_inputs=num_inputs, num_outputs=num_outputs, num_tasks=num_tasks,
+      task_free=name in TASK_FREE, segment_tasks=segment_tasks,
+      ramp_steps=int(RAMP_FRACTION.get(name, 0.0) * s.steps_per_segment),
       x_train=np.concatenate([t["train"][0] for t in tasks]),
       y_train=np.concatenate([t["train"][1] for t in tasks]),
+      row_task=np.repeat(np.arange(len(tasks), dtype=np.int32),
+                         np.diff(sizes)),
       train_ranges=tuple(zip(sizes[:-1].tolist(), sizes[1:].tolist())),
       class_masks=class_masks,
       val=_pad_split(tasks, "val", num_inputs),
       test=_pad_split(tasks, "test", num_inputs))
+
+
+def single_task(protocol: Protocol, steps_per_segment: int) -> Protocol:
+  """The protocol's first task alone, trained ``steps_per_segment`` steps.
+
+  The reference for plasticity: the same network and batch size on one
+  task, with no predecessor. The training arrays stay whole (only the
+  first task's rows are sampled), so under ``--quick`` the single-task
+  runs of all protocols share one compilation.
+  """
+  def first(split):
+    return tuple(a[:1] for a in split)
+
+  s = dataclasses.replace(protocol.schedule, num_segments=1,
+                          steps_per_segment=steps_per_segment)
+  return dataclasses.replace(
+      protocol, schedule=s, num_tasks=1, task_free=False,
+      segment_tasks=(0,), ramp_steps=0,
+      train_ranges=protocol.train_ranges[:1],
+      class_masks=protocol.class_masks[:1], val=first(protocol.val),
+      test=first(protocol.test))
 
 
 def build_all(names: list[str], quick: bool = False) -> list[Protocol]:
@@ -244,60 +301,80 @@ def pad_to_common(protocols: list[Protocol]) -> list[Protocol]:
 
   Inputs get zero columns, the output layer extra units that every task's
   class mask excludes, the training and evaluation sets extra rows (never
-  sampled; invalid for evaluation). ``cl_engine.init_mlp`` initialises the
-  weights of padded inputs and of unused output units to zero, so the
-  network computes the same function, every method sees the same gradients
-  on the real weights, and the padded weights stay at zero (UPGD's noise
-  moves them, without effect on the outputs): the results do not change,
-  only the arrays line up, and one compiled program per method serves every
-  protocol (used by ``--quick``).
+  sampled; invalid for evaluation), the task axis extra tasks (never
+  trained; dropped by the metrics, which read ``num_tasks``).
+  ``cl_engine.init_mlp`` initialises the weights of padded inputs and of
+  unused output units to zero, so the network computes the same function,
+  every method sees the same gradients on the real weights, and the padded
+  weights stay at zero (UPGD's noise moves them, without effect on the
+  outputs): the results do not change, only the arrays line up, and one
+  compiled program per method serves every protocol (used by ``--quick``).
   """
   if len({p.schedule for p in protocols}) != 1:
     raise ValueError("pad_to_common needs protocols with one schedule")
   inputs = max(p.x_train.shape[1] for p in protocols)
   outputs = max(p.num_outputs for p in protocols)
   rows = max(len(p.y_train) for p in protocols)
+  tasks = max(p.class_masks.shape[0] for p in protocols)
   val = max(p.val[1].shape[1] for p in protocols)
   test = max(p.test[1].shape[1] for p in protocols)
 
   def split(arrays, size):
     x, y, valid = arrays
-    t = len(y)
-    return (_pad(x, (t, size, inputs)), _pad(y, (t, size)),
-            _pad(valid, (t, size)))
+    return (_pad(x, (tasks, size, inputs)), _pad(y, (tasks, size)),
+            _pad(valid, (tasks, size)))
 
   return [dataclasses.replace(
       p, num_outputs=outputs,
       x_train=_pad(p.x_train, (rows, inputs)),
       y_train=_pad(p.y_train, (rows,)),
-      class_masks=_pad(p.class_masks, (p.num_tasks, outputs)),
+      row_task=_pad(p.row_task, (rows,)),
+      class_masks=_pad(p.class_masks, (tasks, outputs)),
       val=split(p.val, val), test=split(p.test, test))
       for p in protocols]
+
+
+def _task_stream(rng: np.random.Generator, start: int, stop: int):
+  """Rows of one task, epoch by epoch (a fresh permutation per epoch)."""
+  while True:
+    yield from rng.permutation(np.arange(start, stop))
 
 
 def batch_orders(protocol: Protocol, seed: int):
   """Per-seed training order: the batches of every step and Fisher examples.
 
   Each task's examples are drawn epoch by epoch (a fresh permutation of the
-  task's training rows per epoch) until ``steps_per_task`` batches are
-  filled; the Fisher examples of a task are drawn from the batches it
-  trained on.
+  task's rows per epoch, continued where the task's previous segment left
+  off). During a segment's first ``ramp_steps`` steps each example comes
+  from the new task with probability rising linearly from 0 to 1, and
+  otherwise from the previous segment's task. The Fisher examples of a
+  segment are drawn from the batches it trained on.
 
   Returns:
-    ``(orders [T, chunks, steps_per_chunk, B], fisher [T, F])``: int32 row
+    ``(orders [S, chunks, steps_per_chunk, B], fisher [S, F])``: int32 row
     indices into ``protocol.x_train``.
   """
   s = protocol.schedule
-  if s.steps_per_task % s.chunks_per_task:
-    raise ValueError("steps_per_task must be a multiple of chunks_per_task")
+  if s.steps_per_segment % s.chunks_per_segment:
+    raise ValueError("steps_per_segment must be a multiple of "
+                     "chunks_per_segment")
   rng = np.random.default_rng(1000 + seed)
-  needed = s.steps_per_task * s.batch_size
+  streams = [_task_stream(rng, *r) for r in protocol.train_ranges]
   orders, fisher = [], []
-  for start, stop in protocol.train_ranges:
-    epochs = -(-needed // (stop - start))
-    rows = np.concatenate([rng.permutation(np.arange(start, stop))
-                           for _ in range(epochs)])[:needed]
-    orders.append(rows.reshape(s.chunks_per_task, -1, s.batch_size))
-    fisher.append(rng.choice(rows, s.fisher_examples, replace=False))
+  previous = None
+  for task in protocol.segment_tasks:
+    shape = (s.steps_per_segment, s.batch_size)
+    rows = np.fromiter(streams[task], np.int64, count=np.prod(shape)
+                       ).reshape(shape)
+    if protocol.ramp_steps and previous is not None and previous != task:
+      ramp = protocol.ramp_steps
+      share = (np.arange(ramp) + 1) / (ramp + 1)
+      old = rng.random((ramp, s.batch_size)) >= share[:, None]
+      rows[:ramp][old] = np.fromiter(streams[previous], np.int64,
+                                     count=int(old.sum()))
+    orders.append(rows.reshape(s.chunks_per_segment, -1, s.batch_size))
+    fisher.append(rng.choice(rows.reshape(-1), s.fisher_examples,
+                             replace=False))
+    previous = task
   return (np.stack(orders).astype(np.int32),
           np.stack(fisher).astype(np.int32))

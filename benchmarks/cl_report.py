@@ -1,9 +1,22 @@
 """Reports of the continual-learning benchmark: JSON, markdown, plots.
 
-The results are a dict ``{"settings": ..., "protocols": {name: protocol}}``
-where each protocol holds its description, schedule and ``methods``, a dict
-of the :func:`cl_engine.summarize` entries (plus ``description``,
-``grid``, ``train_seconds`` and ``step_time_s``).
+``results.json``::
+
+  {"settings": {...},
+   "protocols": {"<name>": {
+      "title", "task_free", "schedule", "segment_tasks", "num_tasks", "seeds",
+      "single_task_accuracy": float,   # AdamW on the first task alone
+      "adamw_plasticity": float,       # AdamW's chosen point, validation
+      "methods": {"<method>": {
+         "knob": "<axis swept for the front>", "description",
+         "points": [{"config": {axis: value}, "valid_avg_acc",
+                     "valid_plasticity", "avg_acc", "avg_acc_std",
+                     "plasticity", "forgetting", "forgetting_std", "bwt",
+                     "online_acc", "kl_mean"}],   # test metrics, seed means
+         "chosen": int,                # index chosen on validation
+         "matched": int | null,        # index at matched plasticity
+         "grid": {axis: [values]}, "chosen_at_grid_edge": [axes],
+         "per_seed": {...}, "curves": {...}}}}}}
 """
 
 from __future__ import annotations
@@ -18,20 +31,8 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402  (after choosing the backend)
 import numpy as np  # noqa: E402
 
-# (column title, metric key, format) of the markdown tables.
-COLUMNS = (
-    ("avg final acc", "avg_acc", "{:.3f}"),
-    ("BWT", "bwt", "{:+.3f}"),
-    ("forgetting", "forgetting", "{:.3f}"),
-    ("plasticity", "plasticity", "{:.3f}"),
-    ("task 1 final acc", "task1_final_acc", "{:.3f}"),
-    ("KL drift task 1", "kl_task1", "{:.3f}"),
-    ("KL drift mean", "kl_mean", "{:.3f}"),
-    ("weight drift", "weight_drift", "{:.2f}"),
-)
-ONLINE_COLUMN = ("online acc", "online_acc", "{:.3f}")
-BOUNDARY_METHODS = ("ewc", "online_ewc")
-SPECTRUM = ("protected_fraction", "neutral_fraction", "volatile_fraction")
+import cl_methods  # noqa: E402
+import cl_metrics  # noqa: E402
 
 
 def _json_ready(x):
@@ -49,10 +50,25 @@ def write_json(results: dict, path: pathlib.Path) -> None:
   path.write_text(json.dumps(_json_ready(results), indent=1))
 
 
+def add_matched(results: dict) -> None:
+  """Adds ``adamw_plasticity`` and each method's ``matched`` index."""
+  for protocol in results["protocols"].values():
+    methods = protocol["methods"]
+    if "adamw" not in methods:
+      continue
+    adamw = methods["adamw"]
+    target = adamw["points"][adamw["chosen"]]["valid_plasticity"]
+    protocol["adamw_plasticity"] = target
+    for entry in methods.values():
+      entry["matched"] = cl_metrics.matched(entry["points"], target)
+
+
 def method_label(protocol: dict, name: str) -> str:
   """The method's name; boundary methods on a task-free stream are marked."""
-  if protocol["task_free"] and name in BOUNDARY_METHODS:
+  if protocol["task_free"] and name in cl_methods.BOUNDARY_METHODS:
     return f"{name} (oracle boundaries)"
+  if name in cl_methods.REFERENCE_METHODS:
+    return f"{name} (stores data)"
   return name
 
 
@@ -60,27 +76,58 @@ def _config_text(config: dict) -> str:
   return ", ".join(f"{k}={v:g}" for k, v in config.items())
 
 
-def markdown_table(protocol: dict) -> str:
-  """One row per method: chosen config, test metrics mean ± std, step time.
+def _pm(point: dict, key: str) -> str:
+  std = point.get(f"{key}_std")
+  return f"{point[key]:.3f}" + (f" ± {std:.3f}" if std is not None else "")
 
-  The step time is the median of single jitted steps, with its ratio to
-  AdamW's when AdamW is among the methods.
-  """
-  columns = COLUMNS + ((ONLINE_COLUMN,) if protocol["task_free"] else ())
-  head = (["method", "chosen config"] + [c[0] for c in columns]
-          + ["step time (ms)"])
+
+def markdown_table(protocol: dict) -> str:
+  """One row per method: the validation choice and the matched point."""
+  head = ["method", "chosen config (validation)", "avg final acc",
+          "plasticity", "forgetting", "KL drift",
+          "online acc" if protocol["task_free"] else None,
+          "at matched plasticity: avg acc / forgetting (config)"]
+  head = [h for h in head if h]
   lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-  methods = protocol["methods"]
-  reference = methods.get("adamw", {}).get("step_time_s")
-  for name, entry in methods.items():
-    cells = [method_label(protocol, name), _config_text(entry["config"])]
-    for _, key, fmt in columns:
-      cells.append(f"{fmt.format(entry['mean'][key])} ± "
-                   f"{fmt.format(entry['std'][key]).lstrip('+')}")
-    step = f"{entry['step_time_s'] * 1e3:.2f}"
-    if reference:
-      step += f" ({entry['step_time_s'] / reference:.1f}x)"
-    lines.append("| " + " | ".join(cells + [step]) + " |")
+  for name, entry in protocol["methods"].items():
+    p = entry["points"][entry["chosen"]]
+    config = _config_text(p["config"])
+    if entry["chosen_at_grid_edge"]:
+      config += f" (edge: {', '.join(entry['chosen_at_grid_edge'])})"
+    cells = [method_label(protocol, name), config, _pm(p, "avg_acc"),
+             f"{p['plasticity']:.3f}", _pm(p, "forgetting"),
+             f"{p['kl_mean']:.3f}"]
+    if protocol["task_free"]:
+      cells.append(f"{p['online_acc']:.3f}")
+    m = entry.get("matched")
+    if m is None:
+      cells.append("none within 1 point")
+    else:
+      q = entry["points"][m]
+      cells.append(f"{q['avg_acc']:.3f} / {q['forgetting']:.3f} "
+                   f"({_config_text(q['config'])})")
+    lines.append("| " + " | ".join(cells) + " |")
+  return "\n".join(lines)
+
+
+def matched_summary(results: dict) -> str:
+  """Forgetting at matched plasticity, one row per method, one column each
+  protocol (avg final accuracy in brackets); "-" where none matched."""
+  names = list(results["protocols"])
+  methods = list(next(iter(results["protocols"].values()))["methods"])
+  head = ["method"] + names
+  lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+  for method in methods:
+    cells = [method]
+    for name in names:
+      entry = results["protocols"][name]["methods"].get(method)
+      m = None if entry is None else entry.get("matched")
+      if m is None:
+        cells.append("-")
+      else:
+        q = entry["points"][m]
+        cells.append(f"{q['forgetting']:.3f} ({q['avg_acc']:.3f})")
+    lines.append("| " + " | ".join(cells) + " |")
   return "\n".join(lines)
 
 
@@ -88,76 +135,51 @@ def write_markdown(results: dict, path: pathlib.Path) -> str:
   """All protocols' tables, with titles and the reading notes; returns it."""
   parts = []
   if results["settings"]["quick"]:
-    parts.append("**--quick run: tiny settings, numbers and timings are not "
+    parts.append("**--quick run: tiny settings, numbers are not "
                  "representative.**\n")
+  parts.append(
+      "## Forgetting at matched plasticity (average final accuracy)\n\n"
+      "Each method's configuration whose validation plasticity is within 1 "
+      "point of AdamW's chosen one (best validation accuracy among those); "
+      "test metrics, mean over seeds.\n\n" + matched_summary(results) + "\n")
   for name, protocol in results["protocols"].items():
     s = protocol["schedule"]
+    ratio = ""
+    if "adamw" in protocol["methods"]:
+      adamw = protocol["methods"]["adamw"]
+      plast = adamw["points"][adamw["chosen"]]["plasticity"]
+      ratio = (f" AdamW's chosen plasticity {plast:.3f} = "
+               f"{plast / protocol['single_task_accuracy']:.2f}x.")
     parts.append(
         f"## {name}: {protocol['title']}\n\n"
-        f"{s['num_tasks']} tasks x {s['steps_per_task']} steps of batch "
-        f"{s['batch_size']}, {len(protocol['seeds'])} seeds (mean ± std), "
-        "config chosen on validation, metrics on test.\n\n"
+        f"{s['num_segments']} segments x {s['steps_per_segment']} steps of "
+        f"batch {s['batch_size']}, {len(protocol['seeds'])} seeds (mean ± "
+        "std), config chosen on validation, metrics on test. Single-task "
+        f"accuracy (AdamW on task 1 alone, {protocol['single_task']['steps']}"
+        f" steps): {protocol['single_task_accuracy']:.3f}.{ratio}\n\n"
         + markdown_table(protocol) + "\n")
-    rates = [f"{m} {protocol['methods'][m]['mean']['protection_rate']:.3f}"
-             for m in _sal_methods(protocol)]
-    if rates:
-      parts.append("SAL protection rate 1 - ||g_out|| / ||g|| (mean over "
-                   "the run): " + ", ".join(rates) + ".\n")
   parts.append(
-      "BWT and forgetting follow Avalanche (forgetting = -BWT: accuracy on a "
-      "task right after training it minus at the end, over the tasks before "
-      "the last); plasticity = mean accuracy right after training each task;"
-      " KL drift = KL(predictions after the task || at the end) on the "
-      "task's test inputs; weight drift = ||theta_end - theta_after_task1||."
-      "\n")
+      "Forgetting: a task's accuracy right after its last training minus at "
+      "the end, over the tasks other than the last segment's (BWT = "
+      "-forgetting); plasticity: accuracy on a task right after training it;"
+      " KL drift: KL(predictions after the task's last training || at the "
+      "end) on its test inputs, mean over tasks. (edge: axis) marks a choice"
+      " at the edge of its grid.\n")
   text = "\n".join(parts)
   path.write_text(text)
   return text
 
 
-def _x_steps(protocol: dict) -> np.ndarray:
-  s = protocol["schedule"]
-  per_chunk = s["steps_per_task"] // s["chunks_per_task"]
-  return per_chunk * np.arange(1, s["num_tasks"] * s["chunks_per_task"] + 1)
-
-
-def _boundaries(ax, protocol: dict) -> None:
-  s = protocol["schedule"]
-  for t in range(1, s["num_tasks"]):
-    ax.axvline(t * s["steps_per_task"], color="0.85", lw=0.8, zorder=0)
-
-
-def _curve(entry: dict, key: str) -> tuple[np.ndarray, np.ndarray]:
-  values = np.asarray(entry["curves"][key], float)
-  return np.mean(values, 0), np.std(values, 0)
-
-
-def _line_panel(ax, protocol: dict, key: str, names: list[str],
-                title: str, log: bool = False) -> None:
-  x = _x_steps(protocol)
-  colors = plt.get_cmap("tab20").colors
-  for i, name in enumerate(names):
-    mean, std = _curve(protocol["methods"][name], key)
-    color = colors[2 * i % 20 + (i >= 10)]  # the dark shades first
-    ax.plot(x, mean, label=method_label(protocol, name), color=color, lw=1.2)
-    ax.fill_between(x, mean - std, mean + std, color=color, alpha=0.15,
-                    lw=0)
-  _boundaries(ax, protocol)
-  if log:
-    ax.set_yscale("log")
-  ax.set_title(title, fontsize=10)
-  ax.set_xlabel("step")
-
-
-def _sal_methods(protocol: dict) -> list[str]:
-  return [n for n, e in protocol["methods"].items()
-          if "protection_rate" in e["curves"]]
+def _colors(n: int):
+  cmap = plt.get_cmap("tab20").colors
+  return [cmap[2 * i % 20 + (2 * i >= 20)] for i in range(n)]
 
 
 def plot_protocol(name: str, protocol: dict, out: pathlib.Path
                   ) -> list[pathlib.Path]:
-  """Writes the protocol's figures; returns their paths."""
+  """Writes the fronts and the task-1 curves; returns their paths."""
   methods = list(protocol["methods"])
+  colors = _colors(len(methods))
   written = []
 
   def save(fig, suffix):
@@ -166,72 +188,51 @@ def plot_protocol(name: str, protocol: dict, out: pathlib.Path
     plt.close(fig)
     written.append(path)
 
-  cols = min(4, len(methods))
-  rows = -(-len(methods) // cols)
-  fig, axes = plt.subplots(rows, cols, figsize=(3.2 * cols, 3 * rows + 0.6),
-                           squeeze=False, constrained_layout=True)
-  for ax in axes.flat[len(methods):]:
-    ax.axis("off")
-  tasks = protocol["schedule"]["num_tasks"]
-  for ax, m in zip(axes.flat, methods):
-    matrix = np.mean(protocol["methods"][m]["per_seed"]["acc_matrix"], 0)
-    image = ax.imshow(matrix, vmin=0, vmax=1, cmap="viridis")
-    if tasks <= 6:
-      for (i, j), v in np.ndenumerate(matrix):
-        ax.text(j, i, f"{v:.2f}", ha="center", va="center", fontsize=7,
-                color="w" if v < 0.6 else "k")
-    ax.set_xticks(range(tasks), range(1, tasks + 1), fontsize=7)
-    ax.set_yticks(range(tasks), range(1, tasks + 1), fontsize=7)
-    ax.set_title(method_label(protocol, m), fontsize=9)
-    ax.set_xlabel("evaluated task", fontsize=8)
-    ax.set_ylabel("after training task", fontsize=8)
-  fig.colorbar(image, ax=axes, shrink=0.6, label="test accuracy")
-  fig.suptitle(f"{name}: test accuracy matrix R[i, j] (mean over seeds)")
-  save(fig, "acc_matrix")
-
-  panels = 2 if protocol["task_free"] else 1
-  fig, axes = plt.subplots(1, panels, figsize=(7 * panels, 4), squeeze=False)
-  _line_panel(axes[0, 0], protocol, "task1_acc", methods,
-              "task-1 test accuracy over the run")
-  if protocol["task_free"]:
-    _line_panel(axes[0, 1], protocol, "online_acc", methods,
-                "online accuracy (each batch before its update)")
-  axes[0, -1].legend(fontsize=7, loc="center left", bbox_to_anchor=(1, 0.5))
-  save(fig, "task1")
-
-  fig, axes = plt.subplots(1, 2, figsize=(14, 4))
-  _line_panel(axes[0], protocol, "kl_task1", methods,
-              "KL drift on task 1 since its end")
-  _line_panel(axes[1], protocol, "weight_drift", methods,
-              "||theta - theta_after_task1||")
+  fig, axes = plt.subplots(1, 2, figsize=(14, 5))
+  for (ax, key, maximize, label) in (
+      (axes[0], "forgetting", False, "forgetting (lower is better)"),
+      (axes[1], "avg_acc", True, "average final accuracy")):
+    for color, m in zip(colors, methods):
+      entry = protocol["methods"][m]
+      x = np.array([p["plasticity"] for p in entry["points"]])
+      y = np.array([p[key] for p in entry["points"]])
+      ax.scatter(x, y, s=8, color=color, alpha=0.3)
+      front = cl_metrics.pareto_front(x, y, maximize)
+      style = "--" if m in cl_methods.REFERENCE_METHODS else "-"
+      ax.plot(x[front], y[front], style, marker="o", ms=3, lw=1.2,
+              color=color, label=method_label(protocol, m))
+      c = entry["chosen"]
+      ax.scatter(x[c], y[c], s=60, marker="*", color=color,
+                 edgecolor="k", lw=0.5, zorder=5)
+    if "adamw_plasticity" in protocol:
+      ax.axvspan(protocol["adamw_plasticity"] - 0.01,
+                 protocol["adamw_plasticity"] + 0.01, color="0.9", zorder=0)
+    ax.axvline(protocol["single_task_accuracy"], color="0.5", ls=":", lw=1)
+    ax.set_xlabel("plasticity (accuracy right after training a task)")
+    ax.set_ylabel(label)
   axes[1].legend(fontsize=7, loc="center left", bbox_to_anchor=(1, 0.5))
-  save(fig, "drift")
+  fig.suptitle(f"{name}: trade-off fronts (points: all configurations; "
+               "lines: each method's Pareto front; stars: chosen on "
+               "validation; grey band: AdamW's plasticity ± 1 point; "
+               "dotted: single-task accuracy)", fontsize=9)
+  save(fig, "fronts")
 
-  sal_methods = _sal_methods(protocol)
-  if sal_methods:
-    fig, axes = plt.subplots(1, len(sal_methods),
-                             figsize=(5 * len(sal_methods), 3.5),
-                             squeeze=False)
-    x = _x_steps(protocol)
-    for ax, m in zip(axes.flat, sal_methods):
-      fractions = [_curve(protocol["methods"][m], k)[0] for k in SPECTRUM]
-      ax.stackplot(x, fractions, labels=[k.split("_")[0] for k in SPECTRUM],
-                   colors=("tab:green", "tab:gray", "tab:red"), alpha=0.8)
-      _boundaries(ax, protocol)
-      ax.set_ylim(0, 1)
-      ax.set_title(f"{m}: stability spectrum", fontsize=10)
-      ax.set_xlabel("step")
-    axes[0, -1].legend(fontsize=7, loc="center left",
-                       bbox_to_anchor=(1, 0.5))
-    save(fig, "sal_spectrum")
-
-    fig, axes = plt.subplots(1, 2, figsize=(14, 4))
-    _line_panel(axes[0], protocol, "protection_rate", sal_methods,
-                "SAL protection rate 1 - ||g_out|| / ||g|| (chunk mean)")
-    axes[0].set_ylim(-0.02, 1.02)
-    axes[0].legend(fontsize=7)
-    _line_panel(axes[1], protocol, "update_norm", methods,
-                "final update norm ||delta theta|| per step", log=True)
-    axes[1].legend(fontsize=7, loc="center left", bbox_to_anchor=(1, 0.5))
-    save(fig, "sal_suppression")
+  s = protocol["schedule"]
+  per_chunk = s["steps_per_segment"] // s["chunks_per_segment"]
+  fig, axes = plt.subplots(1, 2, figsize=(14, 4))
+  for (ax, key, title) in (
+      (axes[0], "task1_acc", "task-1 test accuracy (chosen configs)"),
+      (axes[1], "online_acc", "online accuracy (each batch before its "
+       "update)")):
+    for color, m in zip(colors, methods):
+      values = np.asarray(protocol["methods"][m]["curves"][key], float)
+      x = per_chunk * np.arange(1, values.shape[-1] + 1)
+      ax.plot(x, values.mean(0), color=color, lw=1.1,
+              label=method_label(protocol, m))
+    for t in range(1, s["num_segments"]):
+      ax.axvline(t * s["steps_per_segment"], color="0.85", lw=0.8, zorder=0)
+    ax.set_title(title, fontsize=10)
+    ax.set_xlabel("step")
+  axes[1].legend(fontsize=7, loc="center left", bbox_to_anchor=(1, 0.5))
+  save(fig, "task1")
   return written

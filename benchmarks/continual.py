@@ -1,14 +1,17 @@
-"""Continual-learning benchmark: does SAL keep what a model learned?
+"""Continual-learning benchmark: what does each method keep, at what cost?
 
-Trains an MLP on four protocols (``cl_protocols``: permuted MNIST-1D, split
-digits task- and domain-incremental, a task-free permuted MNIST-1D stream)
-with every method of ``cl_methods`` (AdamW, SGD, the reference and the new
-SAL, EWC, online EWC, streaming EWC / SI / MAS, L2-init, UPGD). Every method
-gets the same tuning budget (6 configurations, the learning rate always
-among the tuned hyperparameters), chosen on the validation split; the
-chosen configuration is reported on the test split, mean ± std over seeds,
-with Avalanche's metrics (``cl_engine``). Each (protocol, method) pair is
-one jitted program over seeds x configurations.
+Trains an MLP on six protocols (``cl_protocols``: permuted MNIST-1D, split
+digits task- and domain-incremental, and three task-free streams: abrupt
+switches, recurring tasks, gradual drift), every task trained until it
+plateaus, with every method of ``cl_methods``. Every method gets the same
+tuning budget (12 configurations, the learning rate always among them);
+each configuration is one point (plasticity, forgetting, average final
+accuracy) of the method's trade-off front. The configuration chosen on the
+validation split is reported on the test split, mean ± std over seeds, and
+so is each method at *matched plasticity* (the configuration whose
+validation plasticity is within 1 point of AdamW's chosen one). Each
+(protocol, method) pair is one jitted program over seeds x configurations
+(``cl_engine``); metrics in ``cl_metrics``.
 
 Run from the repository root::
 
@@ -17,21 +20,8 @@ Run from the repository root::
   python benchmarks/continual.py --protocols pmnist --methods adamw,sal
 
 Writes to ``--out`` (default ``outputs/continual``): ``results.json``
-(settings, every configuration's validation and test accuracy per seed, the
-chosen configurations, every metric and curve per seed), ``results.md`` (one
-table per protocol, also printed) and per protocol the figures
-``<protocol>_acc_matrix.png``, ``_task1.png``, ``_drift.png``,
-``_sal_spectrum.png`` and ``_sal_suppression.png``.
-
-Durations, measured on 2 CPU cores shared with other jobs (load average
-3 to 4): ``--quick`` about 55 s including compilation (every protocol and
-method; 3 tasks x 30 steps, 2 seeds, 2 configurations, a 64-unit MLP; one
-compilation per method serves all protocols, see
-``cl_protocols.pad_to_common``); the full benchmark 15-22 min (11 methods x 6
-configurations x 3 seeds on every protocol), of which ``pmnist`` (10 tasks
-x 150 steps of 64) and ``stream`` (12 x 200 steps of 8) take about 7 min
-each, the two digits protocols about 1.5 min each. These are the schedules
-of ``cl_protocols.SCHEDULES``; no scaling down was needed.
+(schema in ``cl_report``), ``results.md`` (also printed) and per protocol
+``<protocol>_fronts.png`` and ``<protocol>_task1.png``.
 """
 
 from __future__ import annotations
@@ -46,12 +36,17 @@ import time
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
 
 import jax  # noqa: E402  (after the path setup)
+import numpy as np  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
 import cl_engine  # noqa: E402
 import cl_methods  # noqa: E402
+import cl_metrics  # noqa: E402
 import cl_protocols  # noqa: E402
 import cl_report  # noqa: E402
+
+# The single-task reference trains this many times a segment's steps.
+SINGLE_TASK_FACTOR = 3
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -69,9 +64,6 @@ def parse_args(argv=None) -> argparse.Namespace:
                       f"{','.join(cl_methods.METHODS)}")
   parser.add_argument("--seeds", type=int, default=None,
                       help="number of seeds (default 3, --quick 2)")
-  parser.add_argument("--step-time-steps", type=int, default=None,
-                      help="timed single steps per method (default 200, "
-                      "--quick 20)")
   parser.add_argument("--out", default="outputs/continual",
                       help="output folder")
   args = parser.parse_args(argv)
@@ -84,38 +76,54 @@ def parse_args(argv=None) -> argparse.Namespace:
                    f"{list(known)}")
     setattr(args, flag, names)
   args.seeds = args.seeds or (2 if args.quick else 3)
-  args.step_time_steps = args.step_time_steps or (20 if args.quick else 200)
   return args
+
+
+def single_task_accuracy(protocol: cl_protocols.Protocol, seeds: list[int],
+                         quick: bool) -> dict:
+  """AdamW on the first task alone, its grid chosen on validation."""
+  alone = cl_protocols.single_task(
+      protocol, SINGLE_TASK_FACTOR * protocol.schedule.steps_per_segment)
+  adamw = cl_methods.METHODS["adamw"]
+  configs = adamw.configs(protocol.name, quick)
+  raw = cl_engine.run(alone, adamw, seeds, configs, fast_compile=quick)
+  c = int(np.argmax(raw["acc_val"][..., -1, 0].mean(0)))
+  return {"accuracy": float(raw["acc_test"][:, c, -1, 0].mean()),
+          "std": float(raw["acc_test"][:, c, -1, 0].std()),
+          "steps": alone.schedule.steps_per_segment,
+          "config": {k: float(v[c]) for k, v in configs.items()}}
 
 
 def run_protocol(protocol: cl_protocols.Protocol, methods: list[str],
                  args: argparse.Namespace, progress: tqdm) -> dict:
-  """Runs, selects and times every method on one protocol."""
+  """Runs and summarizes every method on one protocol."""
   seeds = list(range(args.seeds))
+  jobs = [(cl_methods.METHODS[m],
+           cl_methods.METHODS[m].configs(protocol.name, args.quick))
+          for m in methods]
   progress.set_description(f"{protocol.name} / compiling")
-  cl_engine.precompile(protocol, [cl_methods.METHODS[m] for m in methods],
-                       seeds, args.quick)
+  cl_engine.precompile(protocol, jobs, seeds, args.quick)
+  progress.set_description(f"{protocol.name} / single task")
+  single = single_task_accuracy(protocol, seeds, args.quick)
   entries = {}
-  for name in methods:
+  for name, (method, configs) in zip(methods, jobs):
     progress.set_description(f"{protocol.name} / {name}")
-    method = cl_methods.METHODS[name]
-    configs = method.configs(args.quick)
     raw = cl_engine.run(protocol, method, seeds, configs,
                         fast_compile=args.quick)
-    entry = cl_engine.summarize(raw, configs)
-    entry.update(description=method.description,
-                 grid={k: v.tolist() for k, v in configs.items()},
-                 train_seconds=raw["seconds"])
-    entries[name] = entry
+    entry = cl_metrics.summarize(raw, configs, protocol.segment_tasks)
+    grid = {k: sorted(set(v.tolist())) for k, v in configs.items()}
+    entries[name] = {
+        "description": method.description, "knob": method.knob,
+        "grid": grid, "train_seconds": raw["seconds"], **entry,
+        "chosen_at_grid_edge": cl_metrics.at_edge(
+            grid, entry["points"][entry["chosen"]]["config"])}
     progress.update()
-  progress.set_description(f"{protocol.name} / step times")
-  chosen = [(cl_methods.METHODS[m], entries[m]["config"]) for m in methods]
-  for name, seconds in zip(methods, cl_engine.step_times(
-      protocol, chosen, args.step_time_steps, fast_compile=args.quick)):
-    entries[name]["step_time_s"] = seconds
   return {"title": protocol.title, "task_free": protocol.task_free,
           "schedule": dataclasses.asdict(protocol.schedule),
-          "seeds": seeds, "methods": entries}
+          "segment_tasks": list(protocol.segment_tasks),
+          "num_tasks": protocol.num_tasks, "seeds": seeds,
+          "single_task_accuracy": single["accuracy"],
+          "single_task": single, "methods": entries}
 
 
 def main(argv=None) -> dict:
@@ -126,16 +134,18 @@ def main(argv=None) -> dict:
   out.mkdir(parents=True, exist_ok=True)
   protocols = cl_protocols.build_all(args.protocols, args.quick)
   results = {"settings": {
-      "command": " ".join(sys.argv), "quick": args.quick,
-      "seeds": args.seeds, "step_time_steps": args.step_time_steps,
-      "sal_new": {k: v if isinstance(v, (str, int, float)) else repr(v)
-                  for k, v in cl_methods.SAL_NEW.items()}, "jax": jax.__version__,
+      "command": " ".join(["python", "benchmarks/continual.py",
+                           *(argv if argv is not None else sys.argv[1:])]),
+      "quick": args.quick, "seeds": args.seeds,
+      "budget": 2 if args.quick else cl_methods.BUDGET,
+      "jax": jax.__version__,
       "machine": f"{platform.machine()}, {jax.devices()[0].platform}"},
       "protocols": {}}
   with tqdm(total=len(protocols) * len(args.methods)) as progress:
     for protocol in protocols:
       results["protocols"][protocol.name] = run_protocol(
           protocol, args.methods, args, progress)
+  cl_report.add_matched(results)
   figures = [path for name, protocol in results["protocols"].items()
              for path in cl_report.plot_protocol(name, protocol, out)]
   results["settings"]["seconds"] = time.perf_counter() - start

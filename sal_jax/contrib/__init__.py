@@ -14,11 +14,17 @@ from sal_jax.contrib._ewc import streaming_ewc
 from sal_jax.contrib._l2_init import L2InitState
 from sal_jax.contrib._l2_init import l2_init
 from sal_jax.contrib._mas import StreamingMasState
+from sal_jax.contrib._momentum_filter import MomentumFilterState
+from sal_jax.contrib._momentum_filter import momentum_filter
+from sal_jax.contrib._momentum_filter import scale_by_momentum_filter
 from sal_jax.contrib._mas import streaming_mas
 from sal_jax.contrib._si import StreamingSiState
 from sal_jax.contrib._si import streaming_si
 from sal_jax.contrib._upgd import UpgdState
 from sal_jax.contrib._upgd import upgd
+from sal_jax.contrib._weight_average import WeightAverageState
+from sal_jax.contrib._weight_average import averaged_params
+from sal_jax.contrib._weight_average import weight_average
 # -- end baselines exports --
 # -- psc exports --
 from sal_jax.contrib._psc_pulses import CascadeState
@@ -43,18 +49,24 @@ __all__ = (
     # -- baselines names --
     "EwcState",
     "L2InitState",
+    "MomentumFilterState",
     "StreamingEwcState",
     "StreamingMasState",
     "StreamingSiState",
     "UpgdState",
+    "WeightAverageState",
+    "averaged_params",
     "empirical_fisher",
     "ewc",
     "ewc_consolidate",
     "l2_init",
+    "momentum_filter",
+    "scale_by_momentum_filter",
     "streaming_ewc",
     "streaming_mas",
     "streaming_si",
     "upgd",
+    "weight_average",
     # -- end baselines names --
     # -- psc names --
     "CascadeState",
