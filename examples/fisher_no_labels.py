@@ -25,8 +25,8 @@ sampled labels on the old data (b: 0.65 / 0.93; two draws of (b) agree only
 0.38 / 0.90); with the expectation over labels, b* matches a (0.985).
 Fine-tuned with each, the old task's accuracy over classes 0-4 is the same
 for a, c, b*, c* (0.985-0.986 at restore 10, 0.993 at 100; AdamW alone:
-0.963). Over all 10 classes no Fisher holds much (0.4-0.6 vs 0.18 for AdamW,
-noisy across seeds): the old data gives the new classes' output weights
+0.963). Over all 10 classes no Fisher holds much (0.34-0.64 vs 0.18 for
+AdamW, noisy across seeds): the old data gives the new classes' output weights
 almost no importance, and a uniform pull (u, restore 10) keeps 0.80 there.
 """
 

@@ -103,6 +103,19 @@ def test_fisher_compiles_once_per_batch_shape():
   assert len(traces) == 3 * per_compile  # one more per new shape
 
 
+def test_fisher_takes_an_unhashable_loss_fn():
+  class Loss:
+    __hash__ = None
+
+    def __call__(self, params, batch):
+      return _loss_fn(params, batch)
+
+  params, data = _mlp_params(), _data()
+  chex.assert_trees_all_close(
+      sal.fisher_diagonal(Loss(), params, [data]),
+      sal.fisher_diagonal(_loss_fn, params, [data]), rtol=1e-6)
+
+
 def test_fisher_of_a_linear_gaussian_model_by_formula():
   # loss = (x w - y)^2 / 2 per example: grad = x (x w - y).
   x = np.linspace(-1.0, 2.0, 11).astype(np.float32)
