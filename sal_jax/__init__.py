@@ -13,6 +13,9 @@ from sal_jax._estimator_registry import get_estimator
 from sal_jax._estimators import ReferenceEstimatorState
 from sal_jax._estimators import StabilityEstimator
 from sal_jax._estimators import reference_estimator
+from sal_jax._fisher import consolidate
+from sal_jax._fisher import fisher_diagonal
+from sal_jax._fisher import prediction_drift
 from sal_jax._gates import GATES
 from sal_jax._gates import apply_factor
 from sal_jax._gates import get_gate
@@ -95,8 +98,10 @@ __all__ = (
     "ReferenceEstimatorState",
     "ShiftConsolidationState",
     "StabilityEstimator",
+    "consolidate",
     "consolidation_estimator",
     "find_protect_states",
+    "fisher_diagonal",
     "get_estimator",
     "get_gate",
     "hard_gate",
@@ -104,6 +109,7 @@ __all__ = (
     "metrics",
     "no_gate",
     "parameter_count",
+    "prediction_drift",
     "protect",
     "reference_estimator",
     "shift_consolidation_estimator",

@@ -26,6 +26,9 @@ from sal_jax import _tree_utils
 
 _TINY = _estimators.TINY
 
+# kappa, the decay of online EWC; sal_jax.consolidate uses it too.
+DEFAULT_CONSOLIDATION_DECAY = 0.9
+
 
 class ShiftConsolidationState(NamedTuple):
   """State of :func:`shift_consolidation_estimator`.
@@ -71,7 +74,7 @@ def shift_consolidation_estimator(
     shift_ratio: float = 1.2,
     release_ratio: float = 1.0,
     warmup_steps: int = 10,
-    consolidation_decay: float = 0.9,
+    consolidation_decay: float = DEFAULT_CONSOLIDATION_DECAY,
     relative_importance: float = 1.0,
     noise_multiplier: float = 0.0,
 ) -> _estimators.StabilityEstimator:
