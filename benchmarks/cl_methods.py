@@ -33,8 +33,9 @@ import sal_jax as sal
 from sal_jax import contrib
 
 BUDGET = 12
-LR_CENTER = {"pmnist": 3e-3, "digits_task": 3e-3, "digits_domain": 3e-3,
-             "stream": 1e-3, "recurring": 3e-3, "gradual": 3e-3}
+LR_CENTER = {"permuted_digits": 3e-3, "split_mnist1d": 3e-3,
+             "digits_task": 1e-3, "digits_domain": 3e-4, "stream": 1e-3,
+             "recurring": 3e-3, "gradual": 3e-3}
 SGD_FACTOR = 30.0  # SGD's learning rates sit this much above Adam's
 HALF_DECADES_6 = (1 / 30, 1 / 10, 1 / 3, 1.0, 3.0, 10.0)
 HALF_DECADES_3 = (1 / 3, 1.0, 3.0)
@@ -148,7 +149,7 @@ METHODS = {m.name: m for m in (
            lambda hp, key: optax.chain(sal.protect(restore=hp["strength"]),
                                        optax.adamw(hp["lr"])),
            "strength", {"lr": HALF_DECADES_3,
-                        "strength": (1.0, 10.0, 100.0, 1000.0)}),
+                        "strength": (0.1, 1.0, 10.0, 100.0)}),
     Method("sal_reference", "chain(sal.protect(estimator='reference', "
            "threshold), adamw(lr))",
            lambda hp, key: optax.chain(

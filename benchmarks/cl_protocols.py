@@ -4,25 +4,27 @@ A protocol is a sequence of training *segments*, each drawn from one of its
 *tasks* (a task may recur), with train / validation / test splits per task,
 laid out as fixed-shape arrays so one jitted program trains every seed and
 hyperparameter configuration. Every task is trained until its validation
-accuracy has plateaued: the schedules below give AdamW at least 0.9x the
-accuracy of the same network trained on that task alone (measured by
+accuracy has plateaued (AdamW's chosen configuration reaches at least 0.9x
+the accuracy of the same network trained on each task alone, measured by
 ``continual.py`` and recorded as ``single_task_accuracy``).
 
-* ``pmnist``: permuted MNIST-1D (``mnist1d``, generated locally), 5 tasks,
-  each a fixed permutation of the 40 input positions (task 0 unpermuted),
-  one shared 10-way head; task boundaries known.
-* ``digits_task``: scikit-learn's digits split into the pairs 0/1, 2/3, ...,
-  task-incremental: the 10-way output's logits are masked to the current
-  task's two classes at train and test time (one 2-way head per task).
-* ``digits_domain``: the same pairs, domain-incremental: one shared 2-way
-  head, label = first or second digit of the pair.
-* ``stream``: task-free permuted MNIST-1D with small batches; the
-  permutation switches abruptly, no boundary is given. Headline: online
-  accuracy (each batch scored before its update).
-* ``recurring``: task-free permuted MNIST-1D whose tasks return: A B A C A.
-* ``gradual``: task-free permuted MNIST-1D whose distribution drifts: over
-  the first half of each segment the share of examples from the new task
-  rises linearly from 0 to 1 (no abrupt switch to detect).
+* ``permuted_digits``: scikit-learn's digits, 5 tasks, each a fixed
+  permutation of the 64 pixels (task 0 unpermuted), one shared 10-way head;
+  task boundaries known (the permuted-MNIST protocol on offline data).
+* ``split_mnist1d``: MNIST-1D (``mnist1d``, generated locally) split into
+  the class pairs 0/1, 2/3, ..., domain-incremental: one shared 2-way head,
+  label = first or second class of the pair (split MNIST's protocol).
+* ``digits_task``: digits split into pairs, task-incremental: the 10-way
+  output's logits are masked to the current task's two classes at train
+  and test time (one 2-way head per task).
+* ``digits_domain``: the digit pairs, domain-incremental (shared 2-way head).
+* ``stream``: task-free permuted digits with small batches; the permutation
+  switches abruptly, no boundary is given. Headline: online accuracy (each
+  batch scored before its update).
+* ``recurring``: task-free permuted digits whose tasks return: A B A C A.
+* ``gradual``: task-free permuted digits whose distribution drifts: over the
+  first half of each segment the share of examples from the new task rises
+  linearly from 0 to 1 (no abrupt switch to detect).
 
 On the task-free protocols, methods that need boundaries (EWC, online EWC,
 WiSE-FT) are given the segment ends as *oracle boundaries*.
@@ -33,7 +35,7 @@ validation, its 1000 test examples are the test split; digits are split
 first part is the validation split. The data (permutations and splits) is
 the same for every seed; seeds change the initialisation and batch order.
 
-The network is an MLP with two hidden layers of 100 ReLU units. ``--quick``
+The network is an MLP with two hidden layers of 64 ReLU units. ``--quick``
 shrinks everything (:data:`QUICK_SCHEDULE`, 32 hidden units, the first 200
 evaluation examples of a task, 3 segments) and pads all protocols to common
 shapes (:func:`pad_to_common`) so one compilation per method serves them.
@@ -46,12 +48,13 @@ import functools
 
 import numpy as np
 
-PROTOCOLS = ("pmnist", "digits_task", "digits_domain", "stream", "recurring",
-             "gradual")
+PROTOCOLS = ("permuted_digits", "split_mnist1d", "digits_task", "digits_domain",
+             "stream", "recurring", "gradual")
 TASK_FREE = ("stream", "recurring", "gradual")
 DIGIT_PAIRS = ((0, 1), (2, 3), (4, 5), (6, 7), (8, 9))
 MNIST1D_VAL = 800  # validation examples taken from the MNIST-1D train set
-PERMUTATION_SEEDS = {"pmnist": 0, "stream": 1, "recurring": 2, "gradual": 3}
+PERMUTATION_SEEDS = {"permuted_digits": 0, "stream": 1, "recurring": 2,
+                     "gradual": 3}
 SEGMENT_TASKS = {"recurring": (0, 1, 0, 2, 0)}
 RAMP_FRACTION = {"gradual": 0.5}  # share of a segment spent drifting in
 
@@ -75,21 +78,23 @@ class Schedule:
   fisher_examples: int
 
 
-# Full schedules (epochs of a task's 3200 MNIST-1D / ~200 digits examples):
-# pmnist 12, digits 16, stream 4 at batch 16, recurring 10 per visit,
-# gradual 12 per segment. Placed on AdamW pilot runs so that every task
-# plateaus (see the module docstring).
+# Full schedules, in epochs of a task's training examples (1005 for
+# permuted digits, ~640 for an MNIST-1D pair, ~200 for a digit pair):
+# permuted_digits 13, split_mnist1d 20, digits 16, stream 13 at batch 16,
+# recurring and gradual 13 per segment. Placed on AdamW pilot runs
+# so that every task plateaus (see the module docstring).
 SCHEDULES = {
-    "pmnist": Schedule(5, 64, 600, 6, 256),
+    "permuted_digits": Schedule(5, 32, 400, 4, 256),
+    "split_mnist1d": Schedule(5, 32, 400, 4, 256),
     "digits_task": Schedule(5, 32, 100, 5, 128),
     "digits_domain": Schedule(5, 32, 100, 5, 128),
     "stream": Schedule(5, 16, 800, 8, 256),
-    "recurring": Schedule(5, 64, 500, 5, 256),
-    "gradual": Schedule(4, 64, 600, 6, 256),
+    "recurring": Schedule(5, 32, 400, 4, 256),
+    "gradual": Schedule(5, 32, 400, 4, 256),
 }
 QUICK_SCHEDULE = Schedule(3, 16, 30, 3, 32)
 QUICK_EVAL_EXAMPLES = 200  # --quick evaluates on the first 200 per task
-HIDDEN = (100, 100)
+HIDDEN = (64, 64)
 QUICK_HIDDEN = (32, 32)
 
 
@@ -152,20 +157,9 @@ def _mnist1d() -> tuple[np.ndarray, ...]:
           data["x_test"].astype(np.float32), data["y_test"].astype(np.int32))
 
 
-def _permuted_mnist1d(num_tasks: int, seed: int) -> list[dict]:
-  """Task ``t`` permutes the input positions (task 0 keeps them)."""
-  x, y, xv, yv, xt, yt = _mnist1d()
-  rng = np.random.default_rng(seed)
-  tasks = []
-  for t in range(num_tasks):
-    perm = np.arange(x.shape[1]) if t == 0 else rng.permutation(x.shape[1])
-    tasks.append(dict(train=(x[:, perm], y), val=(xv[:, perm], yv),
-                      test=(xt[:, perm], yt), classes=tuple(range(10))))
-  return tasks
-
-
-def _split_digits(num_tasks: int, domain: bool) -> list[dict]:
-  """Digit pairs; labels are the digits, or 0 / 1 (``domain``)."""
+@functools.lru_cache(maxsize=1)
+def _digits() -> tuple[np.ndarray, ...]:
+  """scikit-learn's digits in [0, 1], split train / validation / test."""
   from sklearn.datasets import load_digits
   from sklearn.model_selection import train_test_split
   digits = load_digits()
@@ -175,6 +169,26 @@ def _split_digits(num_tasks: int, domain: bool) -> list[dict]:
       x, y, test_size=0.3, random_state=0, stratify=y)
   x_tr, x_va, y_tr, y_va = train_test_split(
       x_rest, y_rest, test_size=0.2, random_state=0, stratify=y_rest)
+  return x_tr, y_tr, x_va, y_va, x_te, y_te
+
+
+def _permuted(data: tuple[np.ndarray, ...], num_tasks: int, seed: int
+              ) -> list[dict]:
+  """Task ``t`` permutes the input positions (task 0 keeps them)."""
+  x, y, xv, yv, xt, yt = data
+  rng = np.random.default_rng(seed)
+  tasks = []
+  for t in range(num_tasks):
+    perm = np.arange(x.shape[1]) if t == 0 else rng.permutation(x.shape[1])
+    tasks.append(dict(train=(x[:, perm], y), val=(xv[:, perm], yv),
+                      test=(xt[:, perm], yt), classes=tuple(range(10))))
+  return tasks
+
+
+def _split(data: tuple[np.ndarray, ...], num_tasks: int, domain: bool
+           ) -> list[dict]:
+  """Class pairs; labels are the classes, or 0 / 1 (``domain``)."""
+  x_tr, y_tr, x_va, y_va, x_te, y_te = data
   tasks = []
   for first, second in DIGIT_PAIRS[:num_tasks]:
     def select(xs, ys):
@@ -217,23 +231,27 @@ def build(name: str, quick: bool = False) -> Protocol:
     raise ValueError(f"{name}: {len(segment_tasks)} segment tasks for "
                      f"{schedule.num_segments} segments")
   num_tasks = max(segment_tasks) + 1
-  if name.startswith("digits"):
-    tasks = _split_digits(num_tasks, domain=name == "digits_domain")
-    num_outputs = 2 if name == "digits_domain" else 10
+  domain = name in ("digits_domain", "split_mnist1d")
+  if name in PERMUTATION_SEEDS:
+    tasks = _permuted(_digits(), num_tasks, PERMUTATION_SEEDS[name])
   else:
-    tasks = _permuted_mnist1d(num_tasks, PERMUTATION_SEEDS[name])
-    num_outputs = 10
+    tasks = _split(_mnist1d() if name == "split_mnist1d" else _digits(),
+                   num_tasks, domain)
+  num_outputs = 2 if domain else 10
   s = schedule
   titles = {
-      "pmnist": "permuted MNIST-1D, shared 10-way head, boundaries known",
+      "permuted_digits": ("permuted digits, shared 10-way head, boundaries "
+                          "known"),
+      "split_mnist1d": ("split MNIST-1D, domain-incremental (class pairs, "
+                        "shared 2-way head)"),
       "digits_task": "split digits, task-incremental (head masked per task)",
       "digits_domain": "split digits, domain-incremental (shared 2-way head)",
-      "stream": (f"task-free stream: permuted MNIST-1D, abrupt switches "
+      "stream": (f"task-free stream: permuted digits, abrupt switches "
                  f"every {s.steps_per_segment} steps of batch "
                  f"{s.batch_size}"),
-      "recurring": ("task-free, recurring tasks: permuted MNIST-1D in the "
-                    f"order {'-'.join('ABC'[t] for t in segment_tasks)}"),
-      "gradual": ("task-free, gradual drift: permuted MNIST-1D, the new "
+      "recurring": ("task-free, recurring tasks: permuted digits in the "
+                    f"order {'-'.join(chr(65 + t) for t in segment_tasks)}"),
+      "gradual": ("task-free, gradual drift: permuted digits, the new "
                   "task's share of each batch rises linearly over the first "
                   f"{RAMP_FRACTION.get(name, 0):.0%} of a segment"),
   }
@@ -262,31 +280,50 @@ def build(name: str, quick: bool = False) -> Protocol:
       test=_pad_split(tasks, "test", num_inputs))
 
 
-def single_task(protocol: Protocol, steps_per_segment: int) -> Protocol:
-  """The protocol's first task alone, trained ``steps_per_segment`` steps.
+def single_task(protocol: Protocol, task: int,
+                steps_per_segment: int) -> Protocol:
+  """Task ``task`` of the protocol alone, trained ``steps_per_segment`` steps.
 
   The reference for plasticity: the same network and batch size on one
   task, with no predecessor. The training arrays stay whole (only the
-  first task's rows are sampled), so under ``--quick`` the single-task
-  runs of all protocols share one compilation.
+  task's rows are sampled) and the evaluation arrays keep their padded
+  shapes, so every task's (and under ``--quick`` every protocol's)
+  single-task run shares one compilation.
   """
-  def first(split):
-    return tuple(a[:1] for a in split)
+  def only(split):
+    return tuple(a[task:task + 1] for a in split)
 
   s = dataclasses.replace(protocol.schedule, num_segments=1,
                           steps_per_segment=steps_per_segment)
   return dataclasses.replace(
       protocol, schedule=s, num_tasks=1, task_free=False,
       segment_tasks=(0,), ramp_steps=0,
-      train_ranges=protocol.train_ranges[:1],
-      class_masks=protocol.class_masks[:1], val=first(protocol.val),
-      test=first(protocol.test))
+      train_ranges=(protocol.train_ranges[task],),
+      class_masks=protocol.class_masks[task:task + 1], val=only(protocol.val),
+      test=only(protocol.test))
 
 
 def build_all(names: list[str], quick: bool = False) -> list[Protocol]:
-  """The protocols ``names``; under ``quick`` padded to common shapes."""
+  """The protocols ``names``, padded to common shapes where that is free.
+
+  Under ``quick`` all of them are padded together. Otherwise protocols
+  with the same schedule, inputs and outputs are padded together (extra
+  training rows and tasks only), so they share compilations without any
+  padded weight: padded weights would change the statistics that SAL and
+  MoFO take over a whole tensor.
+  """
   protocols = [build(name, quick) for name in names]
-  return pad_to_common(protocols) if quick else protocols
+  if quick:
+    return pad_to_common(protocols)
+  groups: dict[tuple, list[int]] = {}
+  for i, p in enumerate(protocols):
+    groups.setdefault((p.schedule, p.x_train.shape[1], p.num_outputs),
+                      []).append(i)
+  out = list(protocols)
+  for members in groups.values():
+    for i, p in zip(members, pad_to_common([protocols[i] for i in members])):
+      out[i] = p
+  return out
 
 
 def _pad(a: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:

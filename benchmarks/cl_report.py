@@ -5,7 +5,8 @@
   {"settings": {...},
    "protocols": {"<name>": {
       "title", "task_free", "schedule", "segment_tasks", "num_tasks", "seeds",
-      "single_task_accuracy": float,   # AdamW on the first task alone
+      "single_task_accuracy": float,   # AdamW on each task alone, mean
+      "plasticity_floor": float,       # validation plasticity a choice needs
       "adamw_plasticity": float,       # AdamW's chosen point, validation
       "methods": {"<method>": {
          "knob": "<axis swept for the front>", "description",
@@ -155,16 +156,19 @@ def write_markdown(results: dict, path: pathlib.Path) -> str:
         f"{s['num_segments']} segments x {s['steps_per_segment']} steps of "
         f"batch {s['batch_size']}, {len(protocol['seeds'])} seeds (mean ± "
         "std), config chosen on validation, metrics on test. Single-task "
-        f"accuracy (AdamW on task 1 alone, {protocol['single_task']['steps']}"
-        f" steps): {protocol['single_task_accuracy']:.3f}.{ratio}\n\n"
+        "accuracy (AdamW on each task alone, "
+        f"{protocol['single_task']['steps']} steps, learning rate chosen on "
+        f"validation): {protocol['single_task_accuracy']:.3f}.{ratio}\n\n"
         + markdown_table(protocol) + "\n")
   parts.append(
       "Forgetting: a task's accuracy right after its last training minus at "
       "the end, over the tasks other than the last segment's (BWT = "
       "-forgetting); plasticity: accuracy on a task right after training it;"
       " KL drift: KL(predictions after the task's last training || at the "
-      "end) on its test inputs, mean over tasks. (edge: axis) marks a choice"
-      " at the edge of its grid.\n")
+      "end) on its test inputs, mean over tasks. Chosen config: the best "
+      "validation average accuracy among the configurations whose validation "
+      "plasticity is at least 0.9x the single-task validation accuracy. "
+      "(edge: axis) marks a choice at the edge of its grid.\n")
   text = "\n".join(parts)
   path.write_text(text)
   return text

@@ -113,12 +113,18 @@ FACTORIES = {
     "streaming_si": lambda: contrib.streaming_si(2.0, 0.1, 0.9, 0.8),
     "l2_init": lambda: contrib.l2_init(2.0),
     "upgd": lambda: contrib.upgd(0.1, 0.9, 0.01, 0.01, key=3),
+    "weight_average": lambda: contrib.weight_average(0.9),
+    "momentum_filter": lambda: contrib.momentum_filter(0.1, fraction=0.5),
 }
 
 
 def _in_chain(name):
   tx = FACTORIES[name]()
-  return tx if name == "upgd" else optax.chain(tx, optax.adamw(1e-2))
+  if name in ("upgd", "momentum_filter"):  # optimizers of their own
+    return tx
+  if name == "weight_average":  # sees the final updates
+    return optax.chain(optax.adamw(1e-2), tx)
+  return optax.chain(tx, optax.adamw(1e-2))
 
 
 # ---------------------------------------------------------------- generic
@@ -148,7 +154,8 @@ def test_jitted_chain_compiles_once(name):
   assert all(np.isfinite(x).all() for x in jax.tree.leaves(p))
 
 
-@pytest.mark.parametrize("name", sorted(FACTORIES))
+# MoFO is Adam with a mask: like optax.adam it needs no params.
+@pytest.mark.parametrize("name", sorted(set(FACTORIES) - {"momentum_filter"}))
 def test_params_are_required_and_checked(name):
   tx = FACTORIES[name]()
   params = {"w": jnp.zeros(2), "b": jnp.zeros(3)}
@@ -184,6 +191,9 @@ def test_half_precision_params_keep_float32_state(name):
     (lambda: contrib.upgd(0.1, utility_decay=1.0), "utility_decay"),
     (lambda: contrib.upgd(0.1, noise_std=-1.0), "noise_std"),
     (lambda: contrib.upgd(0.1, weight_decay=-1.0), "weight_decay"),
+    (lambda: contrib.weight_average(1.0), "decay"),
+    (lambda: contrib.momentum_filter(0.1, fraction=0.0), "fraction"),
+    (lambda: contrib.momentum_filter(0.1, fraction=1.5), "fraction"),
 ])
 def test_bad_hyperparameters_raise(make, match):
   with pytest.raises(ValueError, match=match):
@@ -473,3 +483,71 @@ def test_upgd_protects_high_utility_weights():
     p = optax.apply_updates(p, u)
   moved = np.abs(np.asarray(p["w"]) - 1.0)
   assert moved[0] < 0.5 * moved[1]
+
+
+# ---------------------------------------------------------------- averaging
+
+
+def test_weight_average_matches_numpy_and_passes_updates():
+  params, grads = _trajectory(6)
+  tx = optax.chain(optax.sgd(0.1), contrib.weight_average(0.8))
+  p = _f32(params[0])
+  state = tx.init(p)
+  average, weight = {k: np.zeros(s) for k, s in SHAPES.items()}, 0.0
+  current = {k: np.asarray(v) for k, v in params[0].items()}
+  for g in grads:
+    updates, state = tx.update(_f32(g), state, p)
+    p = optax.apply_updates(p, updates)
+    for k in SHAPES:
+      np.testing.assert_allclose(updates[k], -0.1 * g[k], **TOL)
+      current[k] = current[k] - 0.1 * g[k]
+      average[k] = 0.8 * average[k] + 0.2 * current[k]
+    weight = 0.8 * weight + 0.2
+  got = contrib.averaged_params(state)
+  for k in SHAPES:
+    np.testing.assert_allclose(got[k], average[k] / weight, **TOL)
+
+
+def test_averaged_params_needs_exactly_one_state():
+  with pytest.raises(ValueError, match="exactly one WeightAverageState"):
+    contrib.averaged_params(optax.adam(1e-3).init(jnp.zeros(2)))
+
+
+# ---------------------------------------------------------------- MoFO
+
+
+def test_momentum_filter_matches_numpy_adam_on_the_top_fraction():
+  params, grads = _trajectory(5)
+  fraction, b1, b2, eps = 0.5, 0.9, 0.999, 1e-8
+  outs, _ = _run(contrib.scale_by_momentum_filter(fraction), params, grads)
+  m = {k: np.zeros(s) for k, s in SHAPES.items()}
+  v = {k: np.zeros(s) for k, s in SHAPES.items()}
+  for t, (g, out) in enumerate(zip(grads, outs), start=1):
+    for k in SHAPES:
+      m[k] = b1 * m[k] + (1 - b1) * g[k]
+      v[k] = b2 * v[k] + (1 - b2) * g[k] ** 2
+      step = (m[k] / (1 - b1 ** t)) / (np.sqrt(v[k] / (1 - b2 ** t)) + eps)
+      keep = int(np.ceil(fraction * m[k].size))
+      cut = np.sort(np.abs(m[k]).ravel())[-keep]
+      expected = np.where(np.abs(m[k]) >= cut, step, 0.0)
+      np.testing.assert_allclose(out[k], expected, rtol=1e-4, atol=1e-6)
+      assert (out[k] != 0).sum() == keep  # no ties in random data
+
+
+def test_momentum_filter_with_fraction_one_is_adam():
+  params, grads = _trajectory(4)
+  outs, _ = _run(contrib.momentum_filter(0.01, fraction=1.0), params, grads)
+  adam, _ = _run(optax.adam(0.01), params, grads)
+  _assert_trees_close(outs, adam, rtol=1e-5, atol=1e-7)
+
+
+def test_momentum_filter_fraction_may_be_traced():
+  params, grads = _trajectory(2)
+
+  @jax.jit
+  def first_update(fraction):
+    tx = contrib.scale_by_momentum_filter(fraction)
+    return tx.update(_f32(grads[0]), tx.init(_f32(params[0])))[0]
+
+  assert int((first_update(0.5)["w"] != 0).sum()) == 3
+  assert int((first_update(1.0)["w"] != 0).sum()) == 6

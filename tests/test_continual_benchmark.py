@@ -1,4 +1,4 @@
-"""The continual-learning benchmark: its metrics; a --quick run end to end."""
+"""The continual-learning benchmark: metrics, protocols, a --quick run."""
 
 import json
 import math
@@ -14,29 +14,45 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 
 import cl_engine  # noqa: E402
 import cl_methods  # noqa: E402
+import cl_metrics  # noqa: E402
 import cl_protocols  # noqa: E402
 
-# R[i, j]: accuracy on task j after training task i.
+# R[i, j]: accuracy on task j after training segment i (one task each).
 R = np.array([[0.9, 0.1, 0.2],
               [0.6, 0.8, 0.3],
               [0.5, 0.7, 0.95]])
 
 
 def test_metrics_match_avalanche_by_hand():
+  tasks = (0, 1, 2)
   # Final row: (0.5 + 0.7 + 0.95) / 3.
-  assert cl_engine.average_accuracy(R) == pytest.approx(2.15 / 3)
+  assert cl_metrics.average_accuracy(R) == pytest.approx(2.15 / 3)
   # Tasks 0 and 1: (R[0,0] - R[2,0] + R[1,1] - R[2,1]) / 2 = (0.4 + 0.1) / 2;
   # the last task is not counted.
-  assert cl_engine.forgetting(R) == pytest.approx(0.25)
-  assert cl_engine.bwt(R) == pytest.approx(-0.25)
+  assert cl_metrics.forgetting(R, tasks) == pytest.approx(0.25)
+  assert cl_metrics.bwt(R, tasks) == pytest.approx(-0.25)
   # Diagonal: (0.9 + 0.8 + 0.95) / 3.
-  assert cl_engine.plasticity(R) == pytest.approx(2.65 / 3)
+  assert cl_metrics.plasticity(R, tasks) == pytest.approx(2.65 / 3)
+
+
+def test_metrics_with_a_recurring_task_by_hand():
+  # Segments train tasks A, B, A; columns are tasks A, B.
+  acc = np.array([[0.9, 0.1],
+                  [0.4, 0.8],
+                  [0.95, 0.6]])
+  tasks = (0, 1, 0)
+  # Plasticity: R[0, A], R[1, B], R[2, A].
+  assert cl_metrics.plasticity(acc, tasks) == pytest.approx(2.65 / 3)
+  # Only B counts (A is the last segment's task): R[1, B] - R[2, B].
+  assert cl_metrics.forgetting(acc, tasks) == pytest.approx(0.2)
+  assert cl_metrics.average_accuracy(acc) == pytest.approx(0.775)
 
 
 def test_metrics_broadcast_over_leading_axes():
   stacked = np.stack([R, np.eye(3)])  # the identity forgets everything
-  np.testing.assert_allclose(cl_engine.forgetting(stacked), [0.25, 1.0])
-  np.testing.assert_allclose(cl_engine.average_accuracy(stacked),
+  np.testing.assert_allclose(cl_metrics.forgetting(stacked, (0, 1, 2)),
+                             [0.25, 1.0])
+  np.testing.assert_allclose(cl_metrics.average_accuracy(stacked),
                              [2.15 / 3, 1 / 3])
 
 
@@ -49,47 +65,118 @@ def test_kl_drift_by_hand_ignores_padding():
       expected, rel=1e-5)
 
 
-def _raw(val, test):
-  """A fake ``cl_engine.run`` output, S=2 seeds, C=2 configs, T=2 tasks."""
-  s, c, t = 2, 2, 2
-  acc = np.zeros((s, c, t, t))
-  acc[:, :, -1, :] = np.asarray(test)[None, :, None]
-  acc[:, :, 0, 0] = 1.0
-  return {"acc_matrix": acc,
-          "val_final_acc": np.broadcast_to(
-              np.asarray(val)[None, :, None], (s, c, t)),
+def _raw(val, test, s=2, t=2):
+  """A fake ``cl_engine.run`` output: C configs, final rows as given."""
+  c = len(val)
+
+  def matrix(final):
+    acc = np.zeros((s, c, t, t))
+    acc[:, :, -1, :] = np.asarray(final)[None, :, None]
+    acc[:, :, 0, 0] = 1.0
+    return acc
+
+  return {"acc_test": matrix(test), "acc_val": matrix(val),
           "kl_per_task": np.full((s, c, t), 0.5),
-          "weight_drift": np.ones((s, c)), "online_acc": np.ones((s, c)),
+          "online_acc": np.ones((s, c)),
           "curves": {"task1_acc": np.zeros((s, c, 4))}}
 
 
 def test_summarize_selects_on_validation_not_test():
-  configs = {"lr": np.array([1e-3, 1e-4], np.float32)}
-  summary = cl_engine.summarize(_raw(val=[0.4, 0.6], test=[0.9, 0.5]),
-                                configs)
+  configs = {"lr": np.array([1e-3, 1e-4])}
+  summary = cl_metrics.summarize(_raw(val=[0.4, 0.6], test=[0.9, 0.5]),
+                                 configs, (0, 1))
   assert summary["chosen"] == 1
-  assert summary["config"]["lr"] == pytest.approx(1e-4)
-  assert summary["mean"]["avg_acc"] == pytest.approx(0.5)
-  assert summary["mean"]["forgetting"] == pytest.approx(0.5)
+  point = summary["points"][1]
+  assert point["config"]["lr"] == pytest.approx(1e-4)
+  assert point["avg_acc"] == pytest.approx(0.5)
+  assert point["forgetting"] == pytest.approx(0.5)
+  assert point["valid_avg_acc"] == pytest.approx(0.6)
   assert np.shape(summary["per_seed"]["acc_matrix"]) == (2, 2, 2)
+
+
+def test_selection_needs_the_plasticity_floor():
+  entries = [{"valid_plasticity": 0.6, "valid_avg_acc": 0.9},   # learns little
+             {"valid_plasticity": 0.95, "valid_avg_acc": 0.7},
+             {"valid_plasticity": 0.92, "valid_avg_acc": 0.8}]
+  assert cl_metrics.select(entries) == 0
+  assert cl_metrics.select(entries, floor=0.9) == 2
+  # Nothing above the floor: the most plastic configuration.
+  assert cl_metrics.select(entries, floor=0.99) == 1
+
+
+def test_pareto_front_and_matching_by_hand():
+  x = np.array([0.5, 0.6, 0.55, 0.7, 0.65])
+  forgetting = np.array([0.1, 0.2, 0.3, 0.4, 0.1])
+  # (0.55, 0.3) is beaten by (0.65, 0.1); (0.6, 0.2) too; (0.5, 0.1) too.
+  np.testing.assert_array_equal(
+      cl_metrics.pareto_front(x, forgetting, maximize_y=False), [4, 3])
+  accuracy = np.array([0.1, 0.5, 0.2, 0.3, 0.4])
+  np.testing.assert_array_equal(
+      cl_metrics.pareto_front(x, accuracy, maximize_y=True), [1, 4, 3])
+  entries = [{"valid_plasticity": p, "valid_avg_acc": a}
+             for p, a in [(0.80, 0.9), (0.905, 0.5), (0.895, 0.6),
+                          (0.95, 0.99)]]
+  assert cl_metrics.matched(entries, 0.9) == 2
+  assert cl_metrics.matched(entries, 0.7) is None
+
+
+def test_grid_edge_detection():
+  grid = {"lr": [1.0, 2.0, 3.0], "wd": [0.1, 0.2]}
+  assert cl_metrics.at_edge(grid, {"lr": 3.0, "wd": 0.1}) == ["lr"]
+  assert cl_metrics.at_edge(grid, {"lr": 2.0, "wd": 0.2}) == []
 
 
 def test_every_method_has_the_same_budget_with_the_learning_rate():
   for method in cl_methods.METHODS.values():
-    for quick, size in ((False, 6), (True, 2)):
-      configs = method.configs(quick)
+    for quick, size in ((False, cl_methods.BUDGET), (True, 2)):
+      configs = method.configs("permuted_digits", quick)
       assert "lr" in configs
       assert {len(v) for v in configs.values()} == {size}, method.name
-      assert len(set(configs["lr"].tolist())) > 1, method.name
+      knob = "lr" if method.knob == "lr" else method.knob
+      assert len(set(configs[knob].tolist())) > 1, method.name
+      if not quick:  # a grid that can bracket: 3 or more values each
+        assert len(set(configs["lr"].tolist())) >= 3, method.name
+        assert len(set(configs[knob].tolist())) >= 3, method.name
 
 
-@pytest.mark.parametrize("name", ["stream", "digits_domain"])
+def test_gradual_protocol_ramps_in_the_new_task():
+  protocol = cl_protocols.build("gradual")
+  orders, fisher = cl_protocols.batch_orders(protocol, seed=0)
+  s = protocol.schedule
+  rows = orders.reshape(s.num_segments, s.steps_per_segment, -1)
+  tasks = protocol.row_task[rows]
+  new_share = (tasks == np.arange(s.num_segments)[:, None, None]).mean(-1)
+  ramp = protocol.ramp_steps
+  assert ramp > 0
+  # Segment 0 has no predecessor; later ones rise from ~0 to 1.
+  assert new_share[0].min() == 1.0
+  for segment in range(1, s.num_segments):
+    assert new_share[segment, :ramp // 10].mean() < 0.15
+    assert 0.35 < new_share[segment, ramp // 2 - 10:ramp // 2 + 10].mean() \
+        < 0.65
+    assert new_share[segment, ramp:].min() == 1.0
+  assert fisher.shape == (s.num_segments, s.fisher_examples)
+
+
+def test_recurring_protocol_returns_to_its_first_task():
+  protocol = cl_protocols.build("recurring")
+  assert protocol.segment_tasks == (0, 1, 0, 2, 0)
+  assert protocol.num_tasks == 3 and protocol.task_free
+  orders, _ = cl_protocols.batch_orders(protocol, seed=1)
+  for segment, task in enumerate(protocol.segment_tasks):
+    assert (protocol.row_task[orders[segment]] == task).all()
+
+
+@pytest.mark.parametrize("name", ["stream", "digits_domain", "recurring"])
 def test_padding_to_common_shapes_keeps_the_function(name):
-  # stream: 40 inputs padded to 64; digits_domain: 2 outputs padded to 10.
+  # stream: 40 inputs padded to 64; digits_domain: 2 outputs padded to 10;
+  # recurring: 2 tasks padded to 3.
   plain = cl_protocols.build(name, quick=True)
   others = [cl_protocols.build(n, quick=True) for n in ("digits_task",)]
   padded = cl_protocols.pad_to_common([plain] + others)[0]
   assert padded.x_train.shape[1] == 64 and padded.num_outputs == 10
+  assert padded.class_masks.shape[0] == 3
+  assert padded.num_tasks == plain.num_tasks
   params = cl_engine.init_mlp(0, padded)
   np.testing.assert_array_equal(params[0]["w"][plain.num_inputs:], 0.0)
   np.testing.assert_array_equal(params[-1]["w"][:, plain.num_outputs:], 0.0)
@@ -105,36 +192,64 @@ def test_padding_to_common_shapes_keeps_the_function(name):
                              out_plain, atol=1e-5)
 
 
+def test_reservoir_fills_then_samples_uniformly():
+  import jax
+  import jax.numpy as jnp
+  reservoir = jax.jit(cl_engine._reservoir)
+  buffer, seen = jnp.zeros(8, jnp.int32), jnp.int32(0)
+  rows = np.arange(1, 5, dtype=np.int32)
+  buffer, seen = reservoir(buffer, seen, rows, jax.random.key(0))
+  np.testing.assert_array_equal(buffer[:4], rows)  # below capacity: appended
+  assert seen == 4
+  # Over many batches each stream position ends up kept about equally.
+  kept = np.zeros(400)
+  for trial in range(200):
+    buffer, seen = jnp.zeros(8, jnp.int32), jnp.int32(0)
+    key = jax.random.key(trial)
+    for start in range(0, 40, 4):
+      key, sub = jax.random.split(key)
+      buffer, seen = reservoir(
+          buffer, seen, np.arange(start, start + 4, dtype=np.int32), sub)
+    kept[np.asarray(buffer)] += 1
+  first, last = kept[:20].mean(), kept[20:40].mean()
+  assert abs(first - last) / (first + last) < 0.15  # 200 * 8 / 40 = 40 each
+
+
 def test_quick_run_writes_complete_reports(tmp_path):
   result = subprocess.run(
       [sys.executable, str(ROOT / "benchmarks" / "continual.py"), "--quick",
        "--out", str(tmp_path)],
-      capture_output=True, text=True, timeout=600, cwd=ROOT)
+      capture_output=True, text=True, timeout=900, cwd=ROOT)
   assert result.returncode == 0, result.stderr[-3000:]
   results = json.loads((tmp_path / "results.json").read_text())
   markdown = (tmp_path / "results.md").read_text()
   assert set(results["protocols"]) == set(cl_protocols.PROTOCOLS)
+  assert "Forgetting at matched plasticity" in markdown
   for name, protocol in results["protocols"].items():
-    tasks = protocol["schedule"]["num_tasks"]
-    points = tasks * protocol["schedule"]["chunks_per_task"]
+    segments = protocol["schedule"]["num_segments"]
+    tasks = protocol["num_tasks"]
+    points = segments * protocol["schedule"]["chunks_per_segment"]
     assert set(protocol["methods"]) == set(cl_methods.METHODS)
+    assert 0 < protocol["single_task_accuracy"] <= 1
+    assert protocol["plasticity_floor"] == pytest.approx(
+        0.9 * protocol["single_task"]["valid_accuracy"])
     assert f"## {name}:" in markdown
     for method, entry in protocol["methods"].items():
       assert f"| {method}" in markdown
-      assert np.shape(entry["per_seed"]["acc_matrix"]) == (2, tasks, tasks)
+      assert len(entry["points"]) == 2
+      assert 0 <= entry["chosen"] < 2
+      assert entry["matched"] is None or 0 <= entry["matched"] < 2
+      assert entry["knob"] in entry["grid"]
+      for p in entry["points"]:
+        for key in ("valid_avg_acc", "avg_acc", "plasticity", "online_acc"):
+          assert 0 <= p[key] <= 1, (name, method, key)
+        assert -1 <= p["forgetting"] <= 1
+        assert p["bwt"] == pytest.approx(-p["forgetting"])
+        assert p["kl_mean"] >= 0
+        assert set(p["config"]) == set(entry["grid"])
       acc = np.asarray(entry["per_seed"]["acc_matrix"])
+      assert acc.shape == (2, segments, tasks)
       assert ((acc >= 0) & (acc <= 1)).all()
-      for key in ("avg_acc", "plasticity", "task1_final_acc", "online_acc"):
-        assert 0 <= entry["mean"][key] <= 1, (name, method, key)
-      assert -1 <= entry["mean"]["bwt"] <= 1
-      assert entry["mean"]["kl_task1"] >= 0
-      assert entry["mean"]["weight_drift"] >= 0
-      assert entry["step_time_s"] > 0
-      assert entry["config"]["lr"] in entry["grid"]["lr"]
       assert np.shape(entry["curves"]["task1_acc"]) == (2, points)
-      if method.startswith("sal"):
-        rates = np.asarray(entry["curves"]["protection_rate"])
-        assert ((rates >= -1e-6) & (rates <= 1 + 1e-6)).all()
-    for figure in ("acc_matrix", "task1", "drift", "sal_spectrum",
-                   "sal_suppression"):
+    for figure in ("fronts", "task1"):
       assert (tmp_path / f"{name}_{figure}.png").stat().st_size > 10_000

@@ -17,8 +17,8 @@ class MomentumFilterState(NamedTuple):
 
   Attributes:
     count: steps taken, int32.
-    mu: Adam's first moment, like the params.
-    nu: Adam's second moment, like the params.
+    mu: Adam's first moment, like the params, in at least float32.
+    nu: Adam's second moment, likewise.
   """
   count: jax.Array
   mu: chex.ArrayTree
@@ -90,24 +90,23 @@ def scale_by_momentum_filter(
   def init_fn(params):
     return MomentumFilterState(
         count=jnp.zeros([], jnp.int32),
-        mu=optax.tree_utils.tree_zeros_like(params),
-        nu=optax.tree_utils.tree_zeros_like(params))
+        mu=_anchor.zeros_like_state(params),
+        nu=_anchor.zeros_like_state(params))
 
   def update_fn(updates, state, params=None, **extra_args):
     del params, extra_args
-    mu = optax.tree_utils.tree_update_moment(updates, state.mu, b1, 1)
-    nu = optax.tree_utils.tree_update_moment_per_elem_norm(
-        updates, state.nu, b2, 2)
+    mu = _anchor.ema(state.mu, updates, b1)
+    nu = _anchor.ema(state.nu, jax.tree.map(jnp.square, updates), b2)
     count = optax.safe_increment(state.count)
-    mu_hat = optax.tree_utils.tree_bias_correction(mu, b1, count)
-    nu_hat = optax.tree_utils.tree_bias_correction(nu, b2, count)
+    mu_hat = _anchor.debias(mu, b1, count)
+    nu_hat = _anchor.debias(nu, b2, count)
 
-    def leaf(m, m_hat, v_hat):
+    def leaf(g, m, m_hat, v_hat):
       step = m_hat / (jnp.sqrt(v_hat) + eps)
       return jnp.where(_top_fraction_mask(m, fraction), step,
-                       0.0).astype(m.dtype)
+                       0.0).astype(g.dtype)
 
-    out = jax.tree.map(leaf, mu, mu_hat, nu_hat)
+    out = jax.tree.map(leaf, updates, mu, mu_hat, nu_hat)
     return out, MomentumFilterState(count=count, mu=mu, nu=nu)
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)

@@ -13,14 +13,14 @@ from sal_jax.contrib import _anchor
 
 
 class WeightAverageState(NamedTuple):
-  """State of :func:`weight_average`.
+  r"""State of :func:`weight_average`.
 
   Attributes:
     count: updates seen, int32.
     weight: the average's total weight :math:`1 - \delta^t`, float32
       (its bias correction).
     average: EMA (not bias-corrected) of the params after each update, in
-      the params' dtypes.
+      at least float32 (half-precision params are averaged in float32).
   """
   count: jax.Array
   weight: jax.Array
@@ -73,14 +73,15 @@ def weight_average(decay: chex.Numeric = 0.999
   def init_fn(params):
     return WeightAverageState(
         count=jnp.zeros([], jnp.int32), weight=jnp.zeros([], jnp.float32),
-        average=optax.tree_utils.tree_zeros_like(params))
+        average=_anchor.zeros_like_state(params))
 
   def update_fn(updates, state, params=None, **extra_args):
     del extra_args
     _anchor.check_params(updates, params)
-    new_params = optax.apply_updates(params, updates)
-    average = optax.tree_utils.tree_update_moment(
-        new_params, state.average, decay, 1)
+    new_params = jax.tree.map(
+        lambda p, u: p.astype(jnp.float32) + u.astype(jnp.float32),
+        params, updates)
+    average = _anchor.ema(state.average, new_params, decay)
     weight = (decay * state.weight + (1.0 - decay)).astype(jnp.float32)
     return updates, WeightAverageState(
         count=optax.safe_increment(state.count), weight=weight,
@@ -94,15 +95,15 @@ def _is_state(x: Any) -> bool:
 
 
 def averaged_params(opt_state: Any) -> chex.ArrayTree:
-  """The bias-corrected average of a :func:`weight_average` state.
+  r"""The bias-corrected average of a :func:`weight_average` state.
 
   Args:
     opt_state: an optimizer state holding exactly one
       :class:`WeightAverageState` (or that state itself).
 
   Returns:
-    :math:`a_t / (1 - \delta^t)`, a tree like the params (zeros before the
-    first update). Jittable.
+    :math:`a_t / (1 - \delta^t)`, a tree like the params in the state's
+    dtypes (zeros before the first update). Jittable.
 
   Raises:
     ValueError: if ``opt_state`` holds no or several such states.
