@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import pathlib
 import platform
 import sys
@@ -70,6 +71,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                       help="methods compiled at a time (default 2)")
   parser.add_argument("--out", default="outputs/continual",
                       help="output folder")
+  parser.add_argument("--report-only", action="store_true",
+                      help="rewrite results.md and the figures from the "
+                      "results.json in --out, training nothing")
   args = parser.parse_args(argv)
   for flag, known in (("protocols", cl_protocols.PROTOCOLS),
                       ("methods", cl_methods.METHODS)):
@@ -151,6 +155,12 @@ def main(argv=None) -> dict:
   args = parse_args(argv)
   start = time.perf_counter()
   out = pathlib.Path(args.out)
+  if args.report_only:
+    results = json.loads((out / "results.json").read_text())
+    for name, protocol in results["protocols"].items():
+      cl_report.plot_protocol(name, protocol, out)
+    print(cl_report.write_markdown(results, out / "results.md"))
+    return results
   out.mkdir(parents=True, exist_ok=True)
   protocols = cl_protocols.build_all(args.protocols, args.quick)
   results = {"settings": {

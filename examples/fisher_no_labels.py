@@ -17,6 +17,7 @@ the old-task accuracy (over classes 0-4, and over all 10), the new-task
 accuracy and the prediction drift on old inputs, as means over seeds.
 
   python examples/fisher_no_labels.py [--seeds 5] [--steps 500]
+      [--pretrain-steps 2000] [--restore 1 10 100 1000]
 
 Measured (5 seeds, the defaults): the Fisher from new inputs with sampled
 labels (c) correlates with the empirical one (a) about as well as anything
@@ -100,7 +101,10 @@ def accuracy(params, x, y, classes=slice(None)):
 def main():
   parser = argparse.ArgumentParser()
   parser.add_argument("--seeds", type=int, default=5)
-  parser.add_argument("--steps", type=int, default=500)
+  parser.add_argument("--steps", type=int, default=500,
+                      help="fine-tuning steps on digits 5-9")
+  parser.add_argument("--pretrain-steps", type=int, default=2000,
+                      help="pretraining steps on digits 0-4")
   parser.add_argument("--restore", type=float, nargs="+",
                       default=[1.0, 10.0, 100.0, 1000.0])
   args = parser.parse_args()
@@ -119,7 +123,7 @@ def main():
     params = init_mlp(k_init)
     tx = optax.chain(sal.protect(restore=0.0), optax.adamw(1e-3))
     params, _ = train(params, tx.init(params), 0.0, xo, yo, k_pre,
-                      steps=2000)
+                      steps=args.pretrain_steps)
 
     def sampled(k, x):  # one label per input, drawn from the model
       return np.asarray(jax.random.categorical(k, logits_fn(params, x)),

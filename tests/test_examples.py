@@ -33,3 +33,15 @@ def test_multi_device_example_runs_its_checks():
   out = result.stdout
   assert "FAILED" not in out and "all checks passed" in out
   assert "shifts detected: 1" in out  # the pull acted in the compared runs
+
+
+def test_fisher_no_labels_example_runs():
+  result = subprocess.run(
+      [sys.executable, str(ROOT / "examples" / "fisher_no_labels.py"),
+       "--seeds", "1", "--steps", "20", "--pretrain-steps", "50",
+       "--restore", "10"],
+      capture_output=True, text=True, timeout=300, cwd=ROOT)
+  assert result.returncode == 0, result.stderr[-3000:]
+  for name in ("none (adamw)", "a ", "c ", "u "):
+    assert name in result.stdout
+  assert "Pearson / Spearman" in result.stdout
