@@ -199,8 +199,7 @@ def test_nonfinite_updates_pass_through_and_state_is_unchanged():
 
 
 @pytest.mark.parametrize("estimator", sorted(sal.ESTIMATORS))
-@pytest.mark.parametrize("bad", [jnp.nan, jnp.inf])
-def test_nonfinite_params_leave_the_state_and_updates_alone(estimator, bad):
+def test_nonfinite_params_leave_the_state_and_updates_alone(estimator):
   """Finite gradients at non-finite params: a non-finite step, as for
   non-finite updates (count, estimator and scores untouched)."""
   tx = sal.protect(estimator=estimator, granularity="element")
@@ -209,11 +208,12 @@ def test_nonfinite_params_leave_the_state_and_updates_alone(estimator, bad):
   update = jax.jit(tx.update)
   for i in range(3):
     _, state = update(_grads(i), state, params)
-  broken = {"w": params["w"].at[1, 2].set(bad), "b": params["b"]}
   grads = _grads(5)
-  out, new_state = update(grads, state, broken)
-  chex.assert_trees_all_equal(new_state, state)
-  chex.assert_trees_all_equal(out, grads)
+  for bad in (jnp.nan, jnp.inf, -jnp.inf):
+    broken = {"w": params["w"], "b": params["b"].at[1].set(bad)}
+    out, new_state = update(grads, state, broken)
+    chex.assert_trees_all_equal(new_state, state)
+    chex.assert_trees_all_equal(out, grads)
   # The next finite step goes on from there.
   _, state = update(grads, new_state, params)
   assert int(state.count) == 4
