@@ -21,6 +21,7 @@ import jax.numpy as jnp
 
 from sal_jax import _estimators
 from sal_jax import _tree_utils
+from sal_jax import _validation
 
 _TINY = _estimators.TINY
 
@@ -28,13 +29,23 @@ _TINY = _estimators.TINY
 class ConsolidationState(NamedTuple):
   """State of :func:`consolidation_estimator`.
 
+  The dtypes do not depend on ``jax_enable_x64``. What follows the params
+  is the anchor, a position: it has the params' dtype, at least float32
+  (float32 for bfloat16, float16 and float32 params; float64 and complex
+  kept), so that the pull toward it is exact at the params' precision. The
+  statistics are float32 whatever the params: they are weights and
+  magnitudes (real even for complex params), whose float32 rounding moves a
+  score or the strength of the pull by 1e-7, never where it pulls to.
+
   Attributes:
     count: steps taken, int32.
     gradient_energy: slow EMA (not bias-corrected) of the mean squared
       gradient entry over the whole tree, float32.
     importance: EMA (not bias-corrected) of each unit's relative gradient
-      energy; per element, or a scalar per leaf at leaf granularity.
-    anchor: importance-weighted running average of the params (float32).
+      energy, float32; per element, or a scalar per leaf at leaf
+      granularity.
+    anchor: importance-weighted running average of the params, in the
+      params' dtype promoted to at least float32.
   """
   count: jax.Array
   gradient_energy: jax.Array
@@ -81,9 +92,10 @@ def consolidation_estimator(
   :math:`\lambda F (\theta - \theta^*)`, whose anchor is not a snapshot
   but where each parameter sat while it carried the gradient.
 
-  Memory: the anchor (one float32 copy of the params) plus the importance
-  (a float32 copy at element granularity, one scalar per leaf at leaf
-  granularity).
+  Memory: the anchor (a float32 copy of the params; float64 or complex
+  params keep their dtype, see :class:`ConsolidationState`) plus the
+  importance (a float32 copy at element granularity, one scalar per leaf at
+  leaf granularity).
 
   Args:
     granularity: ``"leaf"`` or ``"element"``.
@@ -95,6 +107,10 @@ def consolidation_estimator(
 
   Returns:
     A :class:`~sal_jax.StabilityEstimator` with a ``restoring_force``.
+
+  Raises:
+    TypeError: for an argument of the wrong type.
+    ValueError: for hyperparameters outside their ranges.
 
   Examples:
     >>> import jax.numpy as jnp
@@ -113,16 +129,13 @@ def consolidation_estimator(
     Schwarz et al., "Progress & Compress", ICML 2018 (online consolidation).
   """
   _estimators.validate_granularity(granularity)
+  where = "sal_jax.consolidation_estimator"
   for name, value in (("importance_decay", importance_decay),
                       ("energy_decay", energy_decay)):
-    if not 0.0 < value < 1.0:
-      raise ValueError(
-          f"sal_jax.consolidation_estimator: {name} must be in (0, 1), got "
-          f"{value!r}.")
-  if not relative_importance > 0.0:
-    raise ValueError(
-        "sal_jax.consolidation_estimator: relative_importance must be > 0, "
-        f"got {relative_importance!r}.")
+    _validation.check_number(where, name, value, 0.0, 1.0, low_open=True,
+                             high_open=True)
+  _validation.check_number(where, "relative_importance", relative_importance,
+                           0.0, low_open=True)
   per_element = granularity == "element"
 
   def init_fn(params):
@@ -132,21 +145,23 @@ def consolidation_estimator(
         importance=jax.tree.map(
             lambda p: _tree_utils.unit_zeros(p, per_element), params),
         # A copy, so that donating the params cannot alias the state.
-        anchor=jax.tree.map(lambda p: jnp.array(p, jnp.float32), params),
+        anchor=jax.tree.map(
+            lambda p: jnp.array(p, _tree_utils.state_dtype(p)), params),
     )
 
   def corrected_energy(state):
-    return state.gradient_energy / (1.0 - energy_decay ** state.count)
+    return state.gradient_energy / (
+        1.0 - _tree_utils.decay_power(energy_decay, state.count))
 
   def corrected_importance(state):
-    correction = 1.0 - importance_decay ** state.count
+    correction = 1.0 - _tree_utils.decay_power(importance_decay, state.count)
     return jax.tree.map(lambda o: o / correction, state.importance)
 
   def update_fn(updates, state, params):
     count = state.count + 1
     mean_sq = _tree_utils.mean_square(updates)
     energy = energy_decay * state.gradient_energy + (1 - energy_decay) * mean_sq
-    energy_hat = energy / (1.0 - energy_decay ** count)
+    energy_hat = energy / (1.0 - _tree_utils.decay_power(energy_decay, count))
     increments = jax.tree.map(
         lambda g: _tree_utils.unit_energy(
             g, (1 - importance_decay) / (energy_hat + _TINY), per_element),
@@ -154,7 +169,7 @@ def consolidation_estimator(
     importance = jax.tree.map(lambda o, d: importance_decay * o + d,
                               state.importance, increments)
     anchor = jax.tree.map(
-        lambda a, p, d, o: a + d / (o + _TINY) * (p.astype(jnp.float32) - a),
+        lambda a, p, d, o: a + d / (o + _TINY) * (p.astype(a.dtype) - a),
         state.anchor, params, increments, importance)
     new_state = ConsolidationState(count, energy, importance, anchor)
 

@@ -33,6 +33,7 @@ def get_estimator(estimator: str | _estimators.StabilityEstimator,
     The :class:`~sal_jax.StabilityEstimator`.
 
   Raises:
+    TypeError: for an estimator or granularity of the wrong type.
     ValueError: for an unknown name or granularity, or a granularity that
       contradicts the instance's.
 
@@ -53,6 +54,10 @@ def get_estimator(estimator: str | _estimators.StabilityEstimator,
     if granularity is None:
       return ESTIMATORS[estimator]()  # the estimator's own default
     return ESTIMATORS[estimator](granularity=granularity)
+  if not isinstance(estimator, str):
+    raise TypeError(
+        "sal_jax: estimator must be a str or a StabilityEstimator, got "
+        f"{type(estimator).__name__} {estimator!r}.")
   raise ValueError(
       f"sal_jax: unknown estimator {estimator!r}; expected one of "
       f"{sorted(ESTIMATORS)} or a StabilityEstimator.")

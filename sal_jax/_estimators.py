@@ -19,6 +19,9 @@ import chex
 import jax
 import jax.numpy as jnp
 
+from sal_jax import _tree_utils
+from sal_jax import _validation
+
 GRANULARITIES = ("leaf", "element")
 
 TINY = 1e-30  # keeps ratios of all-zero importances finite
@@ -51,12 +54,20 @@ class StabilityEstimator(NamedTuple):
 
 
 class ReferenceEstimatorState(NamedTuple):
-  """State of :func:`reference_estimator`: the params seen at the last step."""
+  """State of :func:`reference_estimator`.
+
+  Attributes:
+    previous_params: the params seen at the last step, each leaf in the
+      param's own dtype (an exact copy: bfloat16 stays bfloat16, float64
+      and complex stay so, with x64 on or off).
+  """
   previous_params: chex.ArrayTree
 
 
 def validate_granularity(granularity: str) -> None:
-  """Raises ``ValueError`` for an unknown granularity."""
+  """Raises ``TypeError`` for a non-string, ``ValueError`` for an unknown
+  granularity."""
+  _validation.check_choice("sal_jax", "granularity", granularity, str)
   if granularity not in GRANULARITIES:
     raise ValueError(
         f"sal_jax: unknown granularity {granularity!r}; expected one of "
@@ -93,6 +104,10 @@ def reference_estimator(
     A :class:`StabilityEstimator` whose state is a
     :class:`ReferenceEstimatorState` (one copy of the params).
 
+  Raises:
+    TypeError: for an argument of the wrong type.
+    ValueError: for an unknown granularity or a negative ``eps``.
+
   Examples:
     >>> import jax.numpy as jnp
     >>> from sal_jax import reference_estimator
@@ -107,6 +122,7 @@ def reference_estimator(
     The original SAL library, ``sal.communication.CommunicationLayer``.
   """
   validate_granularity(granularity)
+  _validation.check_number("sal_jax.reference_estimator", "eps", eps, 0.0)
 
   def init_fn(params):
     # A copy, so that a donated params buffer cannot alias the state.
@@ -115,8 +131,11 @@ def reference_estimator(
 
   def update_fn(updates, state, params):
     def leaf_score(g, w, w_prev):
-      g = g.astype(jnp.float32)
-      motion = w.astype(jnp.float32) - w_prev.astype(jnp.float32)
+      # The motion is taken at the params' precision (at least float32),
+      # then measured in float32 like the gradient: the score is float32.
+      dtype = _tree_utils.state_dtype(w)
+      g = _tree_utils.to_real(g)
+      motion = _tree_utils.to_real(w.astype(dtype) - w_prev.astype(dtype))
       if granularity == "leaf":
         product = (jnp.sqrt(jnp.sum(jnp.square(motion)))
                    * jnp.sqrt(jnp.sum(jnp.square(g))))
@@ -152,7 +171,11 @@ def relative_scores(importance: chex.ArrayTree,
 def anchor_pull(weights: chex.ArrayTree, scale: jax.Array,
                 params: chex.ArrayTree,
                 anchor: chex.ArrayTree) -> chex.ArrayTree:
-  """``w * scale * (theta - anchor)`` per unit: a restoring force."""
+  """``w * scale * (theta - anchor)`` per unit: a restoring force.
+
+  The difference is taken in the anchor's dtype (the params' precision, at
+  least float32), the weights and scale are float32.
+  """
   return jax.tree.map(
-      lambda w, p, a: w * scale * (p.astype(jnp.float32) - a),
+      lambda w, p, a: w * scale * (p.astype(a.dtype) - a),
       weights, params, anchor)

@@ -25,6 +25,8 @@ import chex
 import jax
 import jax.numpy as jnp
 
+from sal_jax import _tree_utils
+
 GateFn = Callable[[jax.Array, jax.Array, float], jax.Array]
 
 DEFAULT_STEEPNESS = 10.0
@@ -74,10 +76,14 @@ GATES: dict[str, GateFn] = {
 
 
 def get_gate(name: str) -> GateFn:
-  """Looks a gate up by name, with a clear error for unknown names."""
+  """Looks a gate up by name: ``TypeError`` for a non-string, ``ValueError``
+  for an unknown name."""
+  if not isinstance(name, str):
+    raise TypeError(
+        f"sal_jax: gate must be a str, got {type(name).__name__} {name!r}.")
   try:
     return GATES[name]
-  except (KeyError, TypeError):
+  except KeyError:
     raise ValueError(
         f"sal_jax: unknown gate {name!r}; expected one of "
         f"{sorted(GATES)}.") from None
@@ -189,7 +195,8 @@ def apply_factor(
     (the per-parameter normalization this gate is built to survive).
   """
   factor = jnp.asarray(factor, jnp.float32)
-  g = update.astype(jnp.float32)
+  # At least float32; float64 and complex updates keep their precision.
+  g = update.astype(_tree_utils.state_dtype(update))
   out = factor * g
   if preserve_rms:
     # Neighbouring entries take opposite signs so that the dither does not

@@ -2,23 +2,27 @@
 
 from __future__ import annotations
 
-import numbers
+import functools
 from typing import Any, NamedTuple
 
 import chex
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 from sal_jax import _estimator_registry
 from sal_jax import _estimators
 from sal_jax import _gates
 from sal_jax import _tree_utils
+from sal_jax import _validation
 
 # The restoring pull's strength when an estimator has one and none is given:
 # the continual-learning benchmark's validation chose 1 on permuted MNIST-1D
 # and the stream, 30 on split digits.
 DEFAULT_RESTORE = 1.0
+
+_WHERE = "sal_jax.protect"
 
 # Below this gradient norm a leaf counts as "no gradient": rate 0, and the
 # threshold is not adapted when the mean norm is below it.
@@ -28,13 +32,20 @@ _NORM_EPS = 1e-8
 class ProtectState(NamedTuple):
   """State of :func:`protect`.
 
+  No leaf here follows the params' dtype, and none depends on
+  ``jax_enable_x64``: scores and rates are fractions in ``[0, 1]`` kept in
+  ``state_dtype`` (float32 unless set, e.g. bfloat16 to halve their memory),
+  the scalars are float32 or int32. The estimator's state documents its own
+  policy (its anchors follow the params).
+
   Attributes:
     count: number of (finite) steps taken, int32.
     threshold: the adapted threshold used at the last step, float32.
-    scores: smoothed stability score per unit; the tree of the params with a
-      scalar per leaf (leaf granularity) or an array shaped like the leaf
-      (element granularity).
-    protection_rates: per leaf, ``1 - ||g_out|| / ||g||`` at the last step.
+    scores: smoothed stability score per unit, ``state_dtype``; the tree of
+      the params with a scalar per leaf (leaf granularity) or an array
+      shaped like the leaf (element granularity).
+    protection_rates: per leaf, ``1 - ||g_out|| / ||g||`` at the last step,
+      ``state_dtype``.
     mean_protection_rate: running mean over steps of the per-step mean (over
       leaves) protection rate, float32.
     estimator_state: the state of the stability estimator.
@@ -45,24 +56,6 @@ class ProtectState(NamedTuple):
   protection_rates: chex.ArrayTree
   mean_protection_rate: jax.Array
   estimator_state: Any
-
-
-def _is_python_number(x: Any) -> bool:
-  return isinstance(x, numbers.Real) and not isinstance(x, bool)
-
-
-def _check_in_range(name: str, value: Any, low: float, high: float,
-                    low_open: bool = False) -> None:
-  # Only Python numbers are checked: arrays (e.g. from
-  # optax.inject_hyperparams) may be tracers whose value is not known here.
-  if not _is_python_number(value):
-    return
-  bad_low = value <= low if low_open else value < low
-  if bad_low or value > high or value != value:
-    bracket = "(" if low_open else "["
-    raise ValueError(
-        f"sal_jax.protect: {name} must be in {bracket}{low}, {high}], "
-        f"got {value!r}.")
 
 
 def _check_score_shapes(raw, scores, granularity) -> None:
@@ -132,9 +125,15 @@ def protect(
   leaf granularity, no pull) this reproduces the original library's
   ``CommunicationLayer`` step for step.
 
-  A step whose updates contain NaN or Inf leaves the state unchanged and
-  passes the updates through untouched, so that ``optax.apply_if_finite``
-  (or your own check) can reject it.
+  A step whose updates or params contain NaN or Inf leaves the state
+  unchanged (the step count included) and passes the updates through
+  untouched, so that ``optax.apply_if_finite`` (or your own check) can
+  reject it.
+
+  Float64 (under x64) and complex params are supported: updates keep their
+  dtype and precision, magnitudes of complex entries are their moduli, and
+  the state's dtypes are documented in :class:`ProtectState` and the
+  estimators' states.
 
   Args:
     threshold: base threshold :math:`\tau_0`, in ``[0, 1]``.
@@ -177,6 +176,10 @@ def protect(
     ``params``.
 
   Raises:
+    TypeError: for a hyperparameter of the wrong type (a string, a bool, a
+      list where a number is expected). Scalar arrays are accepted wherever
+      a number is, as ``optax.inject_hyperparams`` passes them; only Python
+      numbers are range-checked (see :mod:`sal_jax._validation`).
     ValueError: for bad hyperparameters; at ``update`` time if ``params`` is
       missing or its tree differs from the updates.
 
@@ -194,38 +197,50 @@ def protect(
   References:
     The original SAL library, ``sal.communication.CommunicationLayer``.
   """
+  check = functools.partial(_validation.check_number, _WHERE)
+  check("threshold", threshold, 0.0, 1.0)
+  check("threshold_adaptation", threshold_adaptation, 0.0)
+  check("score_ema", score_ema, 0.0, 1.0, low_open=True)
+  check("initial_score", initial_score, 0.0, 1.0)
+  check("steepness", steepness)
+  check("restore", restore, 0.0, optional=True)
+  _validation.check_choice(_WHERE, "gate", gate, str, optional=True)
+  _validation.check_choice(_WHERE, "preserve_rms", preserve_rms,
+                           (bool, np.bool_))
+  _validation.check_choice(_WHERE, "threshold_range", threshold_range,
+                           (tuple, list))
+  if len(threshold_range) != 2:
+    raise ValueError(f"{_WHERE}: threshold_range must be (low, high), got "
+                     f"{threshold_range!r}.")
+  low, high = threshold_range
+  check("threshold_range[0]", low, 0.0, 1.0)
+  check("threshold_range[1]", high, 0.0, 1.0)
+  numbers = _validation.is_python_number
+  if numbers(low) and numbers(high) and not low <= high:
+    raise ValueError(
+        f"{_WHERE}: threshold_range must satisfy 0 <= low <= high <= 1, got "
+        f"{threshold_range!r}.")
+  if numbers(threshold) and numbers(low) and numbers(high) and not (
+      low <= threshold <= high):
+    # The adapted threshold is clipped into threshold_range: a base outside
+    # it would silently act as the nearest bound.
+    raise ValueError(
+        f"{_WHERE}: threshold {threshold!r} lies outside threshold_range "
+        f"{threshold_range!r}, into which the adapted threshold is clipped; "
+        "widen threshold_range, or pass gate='none' to gate nothing.")
   stability = _estimator_registry.get_estimator(estimator, granularity)
   granularity = stability.granularity
   has_force = stability.restoring_force is not None
   if gate is None:
     gate = "none" if has_force else "soft"
   gate_fn = _gates.get_gate(gate)
-  _check_in_range("threshold", threshold, 0.0, 1.0)
-  _check_in_range("threshold_adaptation", threshold_adaptation, 0.0,
-                  float("inf"))
-  _check_in_range("score_ema", score_ema, 0.0, 1.0, low_open=True)
-  _check_in_range("initial_score", initial_score, 0.0, 1.0)
-  low, high = threshold_range
-  if not 0.0 <= low <= high <= 1.0:
-    raise ValueError(
-        "sal_jax.protect: threshold_range must satisfy 0 <= low <= high <= 1,"
-        f" got {threshold_range!r}.")
-  if _is_python_number(threshold) and not low <= threshold <= high:
-    # The adapted threshold is clipped into threshold_range: a base outside
-    # it would silently act as the nearest bound.
-    raise ValueError(
-        f"sal_jax.protect: threshold {threshold!r} lies outside "
-        f"threshold_range {threshold_range!r}, into which the adapted "
-        "threshold is clipped; widen threshold_range, or pass gate='none' "
-        "to gate nothing.")
-  _check_in_range("restore", restore, 0.0, float("inf"))
   if restore is not None and not has_force:
     raise ValueError(
-        "sal_jax.protect: restore needs an estimator with a restoring force; "
+        f"{_WHERE}: restore needs an estimator with a restoring force; "
         f"{estimator!r} has none.")
   if restore is None and has_force:
     restore = DEFAULT_RESTORE
-  if _is_python_number(restore) and restore == 0:
+  if numbers(restore) and restore == 0:
     restore = None  # no pull: skip computing the force
   dtype = jnp.dtype(jnp.float32 if state_dtype is None else state_dtype)
   if not jnp.issubdtype(dtype, jnp.floating):
@@ -275,14 +290,16 @@ def protect(
       m_count = len(norm_leaves)
     else:
       leaves = jax.tree.leaves(updates)
-      m_sum = sum(jnp.sum(jnp.abs(g.astype(jnp.float32))) for g in leaves)
+      m_sum = sum(jnp.sum(jnp.abs(_tree_utils.to_real(g))) for g in leaves)
       m_count = sum(g.size for g in leaves)
-    # NaN or Inf anywhere reaches these sums; testing them avoids another
-    # pass over the updates. A non-finite step must not poison the state,
-    # and the updates pass through untouched for apply_if_finite (or the
-    # user) to reject.
-    finite = jnp.isfinite(jnp.asarray(m_sum)) & jnp.isfinite(
-        jnp.asarray(m_sq_sum))
+    # NaN or Inf anywhere in the updates reaches these sums; testing them
+    # avoids another pass over the updates. Non-finite params (a step that
+    # already went wrong) would poison the estimator's copies and averages
+    # of them. Either way the state must not change, and the updates pass
+    # through untouched for apply_if_finite (or the user) to reject.
+    finite = (jnp.isfinite(jnp.asarray(m_sum))
+              & jnp.isfinite(jnp.asarray(m_sq_sum))
+              & _tree_utils.all_finite(params))
     new_threshold = jnp.where(finite, _adapt_threshold(
         m_sum, m_sq_sum, max(m_count, 1), threshold, threshold_adaptation,
         low, high, state.threshold), state.threshold)
@@ -336,7 +353,7 @@ def protect(
         # XLA would write it to a full-size temporary.
         s = jax.lax.optimization_barrier(s)
         f = gate_fn(s.astype(jnp.float32), new_threshold, steepness)
-        norm_out = jnp.sqrt(jnp.sum(jnp.square(g.astype(jnp.float32) * f)))
+        norm_out = jnp.sqrt(jnp.sum(jnp.square(_tree_utils.to_real(g) * f)))
       safe = jnp.where(norm_in > _NORM_EPS, norm_in, 1.0)
       return jnp.where(norm_in > _NORM_EPS, 1.0 - norm_out / safe, 0.0)
 

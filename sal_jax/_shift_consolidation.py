@@ -15,6 +15,7 @@ detected from the gradients.
 
 from __future__ import annotations
 
+import functools
 from typing import NamedTuple
 
 import chex
@@ -23,6 +24,7 @@ import jax.numpy as jnp
 
 from sal_jax import _estimators
 from sal_jax import _tree_utils
+from sal_jax import _validation
 
 _TINY = _estimators.TINY
 
@@ -32,6 +34,14 @@ DEFAULT_CONSOLIDATION_DECAY = 0.9
 
 class ShiftConsolidationState(NamedTuple):
   """State of :func:`shift_consolidation_estimator`.
+
+  The dtypes do not depend on ``jax_enable_x64``. What follows the params
+  is the anchor, a position: it has the params' dtype, at least float32
+  (float32 for bfloat16, float16 and float32 params; float64 and complex
+  kept), so that the pull toward it is exact at the params' precision. The
+  statistics are float32 whatever the params: they are weights and
+  magnitudes (real even for complex params), whose float32 rounding moves a
+  score or the strength of the pull by 1e-7, never where it pulls to.
 
   Attributes:
     count: steps taken, int32.
@@ -44,9 +54,11 @@ class ShiftConsolidationState(NamedTuple):
     shifted: whether the last step was inside a detected shift, bool.
     consolidations: number of shifts detected so far, int32.
     importance: EMA (not bias-corrected) of each unit's relative gradient
-      energy since the start; per element, or a scalar per leaf.
-    consolidated: the consolidated importance, shaped like ``importance``.
-    anchor: the params at the last consolidation (float32).
+      energy since the start, float32; per element, or a scalar per leaf.
+    consolidated: the consolidated importance, float32, shaped like
+      ``importance``.
+    anchor: the params at the last consolidation, in the params' dtype
+      promoted to at least float32.
   """
   count: jax.Array
   fast_energy: jax.Array
@@ -59,11 +71,7 @@ class ShiftConsolidationState(NamedTuple):
   anchor: chex.ArrayTree
 
 
-def _check_open_unit(name: str, value: float) -> None:
-  if not 0.0 < value < 1.0:
-    raise ValueError(
-        f"sal_jax.shift_consolidation_estimator: {name} must be in (0, 1), "
-        f"got {value!r}.")
+_WHERE = "sal_jax.shift_consolidation_estimator"
 
 
 def shift_consolidation_estimator(
@@ -149,6 +157,7 @@ def shift_consolidation_estimator(
     A :class:`~sal_jax.StabilityEstimator` with a ``restoring_force``.
 
   Raises:
+    TypeError: for an argument of the wrong type.
     ValueError: for hyperparameters outside their ranges.
 
   Examples:
@@ -172,37 +181,27 @@ def shift_consolidation_estimator(
     CVPR 2019 (consolidating when the training signal shifts).
   """
   _estimators.validate_granularity(granularity)
+  check = functools.partial(_validation.check_number, _WHERE)
   for name, value in (("importance_decay", importance_decay),
                       ("fast_decay", fast_decay), ("slow_decay", slow_decay)):
-    _check_open_unit(name, value)
-  if not fast_decay < slow_decay:
+    check(name, value, 0.0, 1.0, low_open=True, high_open=True)
+  check("shift_ratio", shift_ratio, 1.0, low_open=True)
+  check("release_ratio", release_ratio, 0.0, low_open=True)
+  check("warmup_steps", warmup_steps, 0, integer=True)
+  check("consolidation_decay", consolidation_decay, 0.0, 1.0)
+  check("relative_importance", relative_importance, 0.0, low_open=True)
+  check("noise_multiplier", noise_multiplier, 0.0)
+  numbers = _validation.is_python_number
+  if numbers(fast_decay) and numbers(slow_decay) and not (
+      fast_decay < slow_decay):
     raise ValueError(
-        "sal_jax.shift_consolidation_estimator: fast_decay must be smaller "
-        f"than slow_decay, got {fast_decay!r} and {slow_decay!r}.")
-  if not 1.0 < shift_ratio:
+        f"{_WHERE}: fast_decay must be smaller than slow_decay, got "
+        f"{fast_decay!r} and {slow_decay!r}.")
+  if numbers(release_ratio) and numbers(shift_ratio) and not (
+      release_ratio <= shift_ratio):
     raise ValueError(
-        "sal_jax.shift_consolidation_estimator: shift_ratio must be > 1, "
-        f"got {shift_ratio!r}.")
-  if not 0.0 < release_ratio <= shift_ratio:
-    raise ValueError(
-        "sal_jax.shift_consolidation_estimator: release_ratio must be in "
-        f"(0, shift_ratio], got {release_ratio!r}.")
-  if warmup_steps < 0:
-    raise ValueError(
-        "sal_jax.shift_consolidation_estimator: warmup_steps must be >= 0, "
-        f"got {warmup_steps!r}.")
-  if not 0.0 <= consolidation_decay <= 1.0:
-    raise ValueError(
-        "sal_jax.shift_consolidation_estimator: consolidation_decay must be "
-        f"in [0, 1], got {consolidation_decay!r}.")
-  if not relative_importance > 0.0:
-    raise ValueError(
-        "sal_jax.shift_consolidation_estimator: relative_importance must be "
-        f"> 0, got {relative_importance!r}.")
-  if not noise_multiplier >= 0.0:
-    raise ValueError(
-        "sal_jax.shift_consolidation_estimator: noise_multiplier must be "
-        f">= 0, got {noise_multiplier!r}.")
+        f"{_WHERE}: release_ratio must be in (0, shift_ratio], got "
+        f"{release_ratio!r}.")
   per_element = granularity == "element"
   fast_noise = ((1.0 - fast_decay) / (1.0 + fast_decay)) ** 0.5
 
@@ -219,23 +218,25 @@ def shift_consolidation_estimator(
         consolidated=jax.tree.map(
             lambda p: _tree_utils.unit_zeros(p, per_element), params),
         # A copy, so that donating the params cannot alias the state.
-        anchor=jax.tree.map(lambda p: jnp.array(p, jnp.float32), params),
+        anchor=jax.tree.map(
+            lambda p: jnp.array(p, _tree_utils.state_dtype(p)), params),
     )
 
   def slow_hat(slow_energy, count):
-    return slow_energy / (1.0 - slow_decay ** jnp.maximum(count, 1))
+    return slow_energy / (
+        1.0 - _tree_utils.decay_power(slow_decay, jnp.maximum(count, 1)))
 
   def update_fn(updates, state, params):
     count = state.count + 1
     # Each leaf's sum of squares, read once for the energy and (per leaf)
     # for the importance.
     square_sums = jax.tree.map(
-        lambda g: jnp.sum(jnp.square(g.astype(jnp.float32))), updates)
+        lambda g: jnp.sum(jnp.square(_tree_utils.to_real(g))), updates)
     mean_sq = sum(jax.tree.leaves(square_sums)) / max(
         _tree_utils.parameter_count(updates), 1)
     fast = fast_decay * state.fast_energy + (1 - fast_decay) * mean_sq
     slow = slow_decay * state.slow_energy + (1 - slow_decay) * mean_sq
-    fast_hat = fast / (1.0 - fast_decay ** count)
+    fast_hat = fast / (1.0 - _tree_utils.decay_power(fast_decay, count))
     energy_hat = slow_hat(slow, count)
     ratio = fast_hat / (energy_hat + _TINY)
     log_m = jnp.log(mean_sq + _TINY)
@@ -244,7 +245,7 @@ def shift_consolidation_estimator(
     # The noise is that of the steps before this one: a shift must not
     # raise its own bar.
     log_mean, log_sq = state.log_energy / (
-        1.0 - slow_decay ** jnp.maximum(state.count, 1))
+        1.0 - _tree_utils.decay_power(slow_decay, jnp.maximum(state.count, 1)))
     sigma = jnp.sqrt(jnp.maximum(log_sq - jnp.square(log_mean), 0.0))
     onset_ratio = jnp.maximum(
         shift_ratio, jnp.exp(noise_multiplier * fast_noise * sigma))
@@ -253,7 +254,8 @@ def shift_consolidation_estimator(
     onset = shifted & ~state.shifted
 
     # Consolidate what was gathered before this step's gradient.
-    correction = 1.0 - importance_decay ** jnp.maximum(state.count, 1)
+    correction = 1.0 - _tree_utils.decay_power(importance_decay,
+                                               jnp.maximum(state.count, 1))
     increment_scale = (1 - importance_decay) / (energy_hat + _TINY)
 
     def accumulate(importance):

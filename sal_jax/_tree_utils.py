@@ -6,6 +6,8 @@ This is the bottom of the package: it imports nothing from sal_jax.
 from __future__ import annotations
 
 import math
+from typing import Any
+
 import chex
 import jax
 import jax.numpy as jnp
@@ -67,10 +69,59 @@ def check_same_structure(
           f"{jax.tree_util.keystr(path)}: {jnp.shape(u)} vs {jnp.shape(p)}.")
 
 
+def state_dtype(x: chex.Array) -> jnp.dtype:
+  """Dtype of a copy or running average of a parameter leaf: >= float32.
+
+  bfloat16 and float16 params get float32 (a running average in half
+  precision loses the small steps it adds up); float32, float64 and complex
+  params keep their own dtype, so that a pull toward an anchor is exact at
+  the params' precision.
+  """
+  return jnp.promote_types(jnp.result_type(x), jnp.float32)
+
+
+def real_dtype(dtype: Any) -> jnp.dtype:
+  """The real counterpart of a float dtype (complex64 -> float32)."""
+  return jnp.finfo(dtype).dtype
+
+
+def to_real(x: chex.Array, dtype: Any = jnp.float32) -> jax.Array:
+  """``x`` as a real ``dtype`` array, for statistics of its magnitude.
+
+  A real ``x`` is only cast (its sign kept); a complex ``x`` becomes
+  ``|x|``. Either way the squares and absolute values of the result are
+  those of ``x``, so norms, energies and ``|g|`` sums work on both.
+  """
+  if jnp.iscomplexobj(x):
+    return jnp.abs(x).astype(dtype)
+  return x.astype(dtype)
+
+
+def real_product(a: chex.Array, b: chex.Array) -> jax.Array:
+  """``a * b``, or ``Re(conj(a) b)`` (the real inner product) if complex."""
+  if jnp.iscomplexobj(a) or jnp.iscomplexobj(b):
+    return jnp.real(jnp.conj(a) * b)
+  return a * b
+
+
+def decay_power(decay: Any, count: jax.Array) -> jax.Array:
+  """``decay ** count`` in float32 (with x64 on, a Python float raised to an
+  int32 count would be float64)."""
+  return jnp.asarray(decay, jnp.float32) ** count
+
+
+def all_finite(tree: chex.ArrayTree) -> jax.Array:
+  """Whether every entry of every leaf is finite (a bool scalar)."""
+  leaves = jax.tree.leaves(tree)
+  if not leaves:
+    return jnp.ones((), jnp.bool_)
+  return jnp.stack([jnp.all(jnp.isfinite(x)) for x in leaves]).all()
+
+
 def leaf_norms(tree: chex.ArrayTree) -> chex.ArrayTree:
   """L2 norm of every leaf, as float32 scalars (same tree structure)."""
   return jax.tree.map(
-      lambda x: jnp.sqrt(jnp.sum(jnp.square(x.astype(jnp.float32)))), tree)
+      lambda x: jnp.sqrt(jnp.sum(jnp.square(to_real(x)))), tree)
 
 
 def tree_select(pred: jax.Array, on_true: chex.ArrayTree,
@@ -84,8 +135,7 @@ def tree_norm(tree: chex.ArrayTree) -> jax.Array:
   leaves = jax.tree.leaves(tree)
   if not leaves:
     return jnp.zeros((), jnp.float32)
-  return jnp.sqrt(sum(jnp.sum(jnp.square(x.astype(jnp.float32)))
-                      for x in leaves))
+  return jnp.sqrt(sum(jnp.sum(jnp.square(to_real(x))) for x in leaves))
 
 
 def parameter_count(tree: chex.ArrayTree) -> int:
@@ -97,14 +147,13 @@ def mean_square(tree: chex.ArrayTree) -> jax.Array:
   """Mean of the squared entries over all leaves (float32 scalar)."""
   leaves = jax.tree.leaves(tree)
   size = max(sum(x.size for x in leaves), 1)
-  return sum(jnp.sum(jnp.square(x.astype(jnp.float32)))
-             for x in leaves) / size
+  return sum(jnp.sum(jnp.square(to_real(x))) for x in leaves) / size
 
 
 def unit_energy(g: jax.Array, scale: jax.Array,
                 per_element: bool) -> jax.Array:
   """``scale * g^2`` per unit: each entry, or the leaf's mean (a scalar)."""
-  g = g.astype(jnp.float32)
+  g = to_real(g)
   if per_element:
     # g (g scale), not g^2 scale: an elementwise g^2 shared with the
     # squared-norm reductions would make XLA write it to a temporary.

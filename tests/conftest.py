@@ -43,6 +43,20 @@ def fixture() -> dict:
   return load_fixture()
 
 
+def enable_x64(enabled: bool = True):
+  """x64 for a ``with`` block only.
+
+  A thread-local config context, so nothing leaks into the tests that run
+  after (``jax.config.update("jax_enable_x64", True)`` would, for the rest
+  of the process).
+  """
+  import jax
+  if hasattr(jax, "enable_x64"):
+    return jax.enable_x64(enabled)
+  from jax.experimental import enable_x64 as context  # jax < 0.7
+  return context(enabled)
+
+
 def as_array(x, dtype=np.float32) -> np.ndarray:
   return np.asarray(x, dtype=dtype)
 

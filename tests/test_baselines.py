@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -10,6 +11,7 @@ import pytest
 
 from sal_jax import contrib
 from sal_jax._tree_utils import MISSING_PARAMS_MESSAGE
+from conftest import enable_x64
 
 TOL = dict(rtol=2e-5, atol=1e-6)
 SHAPES = {"w": (3, 2), "b": (2,)}
@@ -177,6 +179,46 @@ def test_half_precision_params_keep_float32_state(name):
   floats = [x for x in jax.tree.leaves(state)
             if jnp.issubdtype(x.dtype, jnp.floating)]
   assert floats and all(x.dtype == jnp.float32 for x in floats)
+
+
+# Per field of a baseline's state: whether it is a position (the params'
+# dtype, at least float32) or a magnitude (its real counterpart).
+_POSITION_FIELDS = ("anchor", "prev_params", "prev_grad")
+_REAL_FIELDS = ("importance", "utility", "path", "displacement")
+_REAL = {"bfloat16": "float32", "float32": "float32", "float64": "float64",
+         "complex128": "float64"}
+_POSITION = dict(_REAL, complex128="complex128")
+
+
+@pytest.mark.parametrize("name", sorted(FACTORIES))
+def test_float64_and_complex_params_under_x64(name):
+  """With x64 on, float64 and complex128 params keep their dtype in the
+  updates and the anchors; importances are real; jitted steps keep every
+  state leaf's dtype (and x64 is off again afterwards)."""
+  with enable_x64(True):
+    key = jax.random.key(0)
+    params = {d: jax.random.normal(jax.random.fold_in(key, i), (3,)).astype(d)
+              for i, d in enumerate(_REAL)}
+    params["complex128"] = params["complex128"] * (1 + 1j)
+    tx = FACTORIES[name]()
+    state0 = state = tx.init(params)
+    if name == "ewc":
+      state0 = state = contrib.ewc_consolidate(
+          state, params, jax.tree.map(lambda p: jnp.abs(p) ** 2, params))
+    update = jax.jit(tx.update)
+    for i in range(3):
+      grads = jax.tree.map(lambda p: (i + 1.0) * p, params)
+      out, state = update(grads, state, params)
+      assert {k: v.dtype for k, v in out.items()} == {
+          k: v.dtype for k, v in params.items()}
+  assert not jax.config.jax_enable_x64
+  chex.assert_trees_all_equal_shapes_and_dtypes(state, state0)
+  for field, value in state._asdict().items():
+    if field in _POSITION_FIELDS + _REAL_FIELDS:
+      table = _POSITION if field in _POSITION_FIELDS else _REAL
+      assert {k: v.dtype.name for k, v in value.items()} == table, field
+  for x in jax.tree.leaves((out, state)):
+    assert np.all(np.isfinite(np.asarray(x)))
 
 
 @pytest.mark.parametrize("make, match", [

@@ -1,10 +1,14 @@
-"""Low precision: bf16 params and ``state_dtype=jnp.bfloat16``.
+"""Precision: bf16 params and ``state_dtype=jnp.bfloat16``; the dtype policy.
 
 A jitted ``chain(protect(...), adamw)`` train step on bf16 (and f32) params
 must keep every optimizer-state leaf's shape, dtype and weak type from step
 to step (so the step is traced and compiled once: a trace counter says so),
 train (the loss falls, the state stays finite and in range) and gate like
 the float32 run does.
+
+Every estimator's state follows its documented dtype policy for bf16, f32,
+f64 and complex params, with x64 off and on (the x64 cases in a
+thread-local ``enable_x64`` block, which does not leak into other tests).
 """
 
 import chex
@@ -15,6 +19,7 @@ import optax
 import pytest
 
 import sal_jax as sal
+from conftest import enable_x64
 
 STEPS = 6
 
@@ -180,3 +185,107 @@ def test_default_protect_in_bfloat16_keeps_dtypes_and_compiles_once():
   for x in jax.tree.leaves(state):
     assert np.all(np.isfinite(np.asarray(x, np.float32)))
   assert losses[-1] < losses[0], losses
+
+
+# --------------------------------------------------------------------------
+# The dtype policy of every estimator's state, with x64 off and on.
+
+# param dtype -> dtype of the estimators' copies/averages of the params
+# (their anchors): the params' own, at least float32.
+_ANCHOR_DTYPE = {"bfloat16": "float32", "float16": "float32",
+                 "float32": "float32", "float64": "float64",
+                 "complex64": "complex64", "complex128": "complex128"}
+
+
+def _mixed_params(x64):
+  """One leaf per dtype: the policy is per leaf, and the tree-wide
+  statistics see every dtype at once."""
+  dtypes = ["bfloat16", "float32"]
+  dtypes += ["float64", "complex128"] if x64 else ["complex64"]
+  key = jax.random.key(0)
+  params = {}
+  for i, name in enumerate(dtypes):
+    x = jax.random.normal(jax.random.fold_in(key, i), (3, i + 1))
+    if name.startswith("complex"):
+      x = x + 1j * jax.random.normal(jax.random.fold_in(key, 10 + i), x.shape)
+    params[name] = x.astype(name)
+  return params
+
+
+def _expected_estimator_dtypes(state, params, granularity):
+  """The documented dtype of every leaf of an estimator state."""
+  unit = lambda p: p.shape if granularity == "element" else ()  # noqa: E731
+  f32 = jnp.dtype(jnp.float32)
+  if isinstance(state, sal.ReferenceEstimatorState):
+    return sal.ReferenceEstimatorState(
+        previous_params={k: (p.shape, p.dtype) for k, p in params.items()})
+  anchor = {k: (p.shape, jnp.dtype(_ANCHOR_DTYPE[p.dtype.name]))
+            for k, p in params.items()}
+  importance = {k: (unit(p), f32) for k, p in params.items()}
+  if isinstance(state, sal.ConsolidationState):
+    return sal.ConsolidationState(
+        count=((), jnp.dtype(jnp.int32)), gradient_energy=((), f32),
+        importance=importance, anchor=anchor)
+  assert isinstance(state, sal.ShiftConsolidationState)
+  return sal.ShiftConsolidationState(
+      count=((), jnp.dtype(jnp.int32)), fast_energy=((), f32),
+      slow_energy=((), f32), log_energy=((2,), f32),
+      shifted=((), jnp.dtype(jnp.bool_)),
+      consolidations=((), jnp.dtype(jnp.int32)), importance=importance,
+      consolidated=importance, anchor=anchor)
+
+
+def _shape_dtype(tree):
+  return jax.tree.map(lambda x: (jnp.shape(x), jnp.result_type(x)), tree)
+
+
+@pytest.mark.parametrize("x64", [False, True], ids=["x64-off", "x64-on"])
+@pytest.mark.parametrize("granularity", ["leaf", "element"])
+@pytest.mark.parametrize("estimator", sorted(sal.ESTIMATORS))
+def test_every_estimator_state_follows_the_dtype_policy(estimator,
+                                                        granularity, x64):
+  with enable_x64(x64):
+    params = _mixed_params(x64)
+    tx = sal.protect(estimator=estimator, granularity=granularity)
+    state0 = tx.init(params)
+    update = jax.jit(tx.update)
+    state = state0
+    for scale in (1.0, 1.0, 8.0):  # the last step is a shift
+      grads = jax.tree.map(lambda p: scale * p, params)
+      out, state = update(grads, state, params)
+      assert _shape_dtype(out) == _shape_dtype(params)
+    assert jax.tree.map(lambda x: getattr(x, "weak_type", False), state) == (
+        jax.tree.map(lambda x: getattr(x, "weak_type", False), state0))
+  assert not jax.config.jax_enable_x64  # the context did not leak
+
+  f32 = jnp.dtype(jnp.float32)
+  for s in (state0, state):
+    assert _shape_dtype(s._replace(estimator_state=None)) == _shape_dtype(
+        sal.ProtectState(
+            count=jnp.zeros((), jnp.int32), threshold=jnp.zeros((), f32),
+            scores={k: jnp.zeros(p.shape if granularity == "element" else (),
+                                 f32) for k, p in params.items()},
+            protection_rates={k: jnp.zeros((), f32) for k in params},
+            mean_protection_rate=jnp.zeros((), f32), estimator_state=None))
+    expected = _expected_estimator_dtypes(s.estimator_state, params,
+                                          granularity)
+    assert _shape_dtype(s.estimator_state) == expected
+  assert int(state.count) == 3
+  for x in jax.tree.leaves(state):
+    assert np.all(np.isfinite(np.asarray(x).astype(np.complex128)))
+
+
+def test_float64_updates_keep_float64_precision():
+  """Under x64 a float64 update is gated and pulled in float64: detail
+  below float32's resolution survives."""
+  with enable_x64(True):
+    params = {"w": jnp.ones(4, jnp.float64)}
+    grads = {"w": 1.0 + 1e-12 * jnp.arange(4, dtype=jnp.float64)}
+    for tx in (sal.protect(estimator="reference", gate="none"),
+               sal.protect(estimator="reference", gate="soft",
+                           threshold=0.9),
+               sal.protect(estimator="consolidation", restore=0.0)):
+      out, _ = jax.jit(tx.update)(grads, tx.init(params), params)
+      assert out["w"].dtype == jnp.float64
+      np.testing.assert_array_equal(np.asarray(out["w"]),
+                                    np.asarray(grads["w"]))

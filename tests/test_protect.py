@@ -198,6 +198,27 @@ def test_nonfinite_updates_pass_through_and_state_is_unchanged():
   np.testing.assert_array_equal(out["b"], bad["b"])
 
 
+@pytest.mark.parametrize("estimator", sorted(sal.ESTIMATORS))
+def test_nonfinite_params_leave_the_state_and_updates_alone(estimator):
+  """Finite gradients at non-finite params: a non-finite step, as for
+  non-finite updates (count, estimator and scores untouched)."""
+  tx = sal.protect(estimator=estimator, granularity="element")
+  params = _params()
+  state = tx.init(params)
+  update = jax.jit(tx.update)
+  for i in range(3):
+    _, state = update(_grads(i), state, params)
+  grads = _grads(5)
+  for bad in (jnp.nan, jnp.inf, -jnp.inf):
+    broken = {"w": params["w"], "b": params["b"].at[1].set(bad)}
+    out, new_state = update(grads, state, broken)
+    chex.assert_trees_all_equal(new_state, state)
+    chex.assert_trees_all_equal(out, grads)
+  # The next finite step goes on from there.
+  _, state = update(grads, new_state, params)
+  assert int(state.count) == 4
+
+
 def test_flax_nnx_optimizer():
   class Model(nnx.Module):
 

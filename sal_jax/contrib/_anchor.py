@@ -15,7 +15,7 @@ helpers, and the streaming "EMA importance" transformation that
 
 from __future__ import annotations
 
-import numbers
+import math
 from typing import Any, Callable
 
 import chex
@@ -24,29 +24,20 @@ import jax.numpy as jnp
 import optax
 
 from sal_jax import _tree_utils
+from sal_jax import _validation
 
 
-def is_python_number(x: Any) -> bool:
-  return isinstance(x, numbers.Real) and not isinstance(x, bool)
+def check_range(fn: str, name: str, value: Any, low: float,
+                high: float = math.inf, low_open: bool = False,
+                high_open: bool = False) -> None:
+  """:func:`sal_jax._validation.check_number` for ``sal_jax.contrib.<fn>``.
 
-
-def check_range(fn: str, name: str, value: Any, low: float, high: float,
-                low_open: bool = False, high_open: bool = False) -> None:
-  """Raises ``ValueError`` if a Python number lies outside the interval.
-
-  Arrays (e.g. from ``optax.inject_hyperparams``) are not checked: they may be
-  tracers whose value is unknown here.
+  A wrong type raises ``TypeError``; a Python number outside the interval
+  ``ValueError``; arrays (e.g. from ``optax.inject_hyperparams``) are not
+  range-checked: they may be tracers whose value is unknown here.
   """
-  if not is_python_number(value):
-    return
-  bad_low = value <= low if low_open else value < low
-  bad_high = value >= high if high_open else value > high
-  if bad_low or bad_high or value != value:
-    left = "(" if low_open else "["
-    right = ")" if high_open else "]"
-    raise ValueError(
-        f"sal_jax.contrib.{fn}: {name} must be in {left}{low}, {high}{right},"
-        f" got {value!r}.")
+  _validation.check_number(f"sal_jax.contrib.{fn}", name, value, low, high,
+                           low_open=low_open, high_open=high_open)
 
 
 def check_params(updates: chex.ArrayTree, params: Any) -> None:
@@ -57,17 +48,30 @@ def check_params(updates: chex.ArrayTree, params: Any) -> None:
 
 
 def state_dtype(x: Any) -> jnp.dtype:
-  """Dtype of state kept for a parameter leaf: at least float32.
+  """Dtype of the copies and averages of a parameter leaf: >= float32.
 
-  bfloat16/float16 params get float32 statistics (an EMA of ``g**2`` in half
-  precision underflows); float64 params keep float64.
+  bfloat16/float16 params get float32 state (an EMA in half precision
+  underflows or stalls); float32, float64 and complex params keep their
+  dtype. The same rule with x64 on or off.
   """
-  return jnp.promote_types(jnp.result_type(x), jnp.float32)
+  return _tree_utils.state_dtype(x)
+
+
+def importance_dtype(x: Any) -> jnp.dtype:
+  """Dtype of a leaf's importance: the real counterpart of
+  :func:`state_dtype` (importances are magnitudes, real for complex
+  params)."""
+  return _tree_utils.real_dtype(state_dtype(x))
 
 
 def zeros_like_state(params: chex.ArrayTree) -> chex.ArrayTree:
   return jax.tree.map(lambda p: jnp.zeros(jnp.shape(p), state_dtype(p)),
                       params)
+
+
+def zeros_like_importance(params: chex.ArrayTree) -> chex.ArrayTree:
+  return jax.tree.map(
+      lambda p: jnp.zeros(jnp.shape(p), importance_dtype(p)), params)
 
 
 def copy_as_state(params: chex.ArrayTree) -> chex.ArrayTree:
@@ -140,7 +144,8 @@ def streaming_importance(
     fn: public name, for error messages.
     state_cls: the NamedTuple with fields ``count``, ``importance``,
       ``anchor``.
-    signal: elementwise importance signal of a gradient leaf.
+    signal: elementwise importance signal of a gradient leaf, a function
+      of its magnitude (complex gradients enter as ``|g|``).
     strength: :math:`\\lambda`.
     importance_decay: :math:`\\rho`.
     anchor_decay: :math:`\\alpha`.
@@ -155,7 +160,7 @@ def streaming_importance(
 
   def init_fn(params):
     return state_cls(count=jnp.zeros((), jnp.int32),
-                     importance=zeros_like_state(params),
+                     importance=zeros_like_importance(params),
                      anchor=copy_as_state(params))
 
   def update_fn(updates, state, params=None, **extra_args):
@@ -163,8 +168,10 @@ def streaming_importance(
     check_params(updates, params)
     importance = debias(state.importance, importance_decay, state.count)
     out = apply_penalty(updates, params, state.anchor, importance, strength)
+    # The signals are functions of |g|: a complex g enters as its modulus.
     signals = jax.tree.map(
-        lambda g, o: signal(g.astype(o.dtype)), updates, state.importance)
+        lambda g, o: signal(_tree_utils.to_real(g, o.dtype)), updates,
+        state.importance)
     new_state = state_cls(
         count=state.count + 1,
         importance=ema(state.importance, signals, importance_decay),

@@ -12,14 +12,20 @@ from typing import Any, Callable, NamedTuple
 import chex
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 from sal_jax import _tree_utils
+from sal_jax import _validation
 from sal_jax.contrib import _anchor
 
 
 class EwcState(NamedTuple):
   """State of :func:`ewc`.
+
+  Leaves shaped like the params have the params' dtype promoted to at least
+  float32 (see ``_anchor.state_dtype``), with x64 on or off; the importance
+  has its real counterpart (float32 for complex64 params).
 
   Attributes:
     importance: the consolidated importance :math:`\\Omega` (Fisher
@@ -36,9 +42,11 @@ class EwcState(NamedTuple):
 class StreamingEwcState(NamedTuple):
   """State of :func:`streaming_ewc`.
 
+  Dtypes as in :class:`EwcState`.
+
   Attributes:
     count: number of steps taken, int32.
-    importance: the (uncorrected) EMA of ``g**2``, like the params.
+    importance: the (uncorrected) EMA of ``|g|**2``, like the params.
     anchor: the slow EMA of the params, like the params.
   """
   count: jax.Array
@@ -69,6 +77,7 @@ def ewc(strength: chex.Numeric) -> optax.GradientTransformationExtraArgs:
     ``params``; its state is an :class:`EwcState`.
 
   Raises:
+    TypeError: for a hyperparameter of the wrong type.
     ValueError: for a negative strength; at ``update`` time if ``params`` is
       missing or its tree differs from the updates.
 
@@ -92,7 +101,7 @@ def ewc(strength: chex.Numeric) -> optax.GradientTransformationExtraArgs:
   _anchor.check_range("ewc", "strength", strength, 0.0, float("inf"))
 
   def init_fn(params):
-    return EwcState(importance=_anchor.zeros_like_state(params),
+    return EwcState(importance=_anchor.zeros_like_importance(params),
                     anchor=_anchor.copy_as_state(params),
                     consolidations=jnp.zeros((), jnp.int32))
 
@@ -156,6 +165,7 @@ def ewc_consolidate(
     ``opt_state`` with its :class:`EwcState` replaced by the consolidated one.
 
   Raises:
+    TypeError: for a hyperparameter of the wrong type.
     ValueError: if ``opt_state`` holds no or several :class:`EwcState`, if
       the trees differ, or for a bad ``decay`` (any ``decay != 1`` needs
       ``online=True``).
@@ -177,7 +187,10 @@ def ewc_consolidate(
     framework for continual learning", ICML 2018 (online EWC).
   """
   _anchor.check_range("ewc_consolidate", "decay", decay, 0.0, 1.0)
-  if not online and not (_anchor.is_python_number(decay) and decay == 1.0):
+  _validation.check_choice("sal_jax.contrib.ewc_consolidate", "online",
+                           online, (bool, np.bool_))
+  if not online and not (_validation.is_python_number(decay)
+                         and decay == 1.0):
     raise ValueError(
         "sal_jax.contrib.ewc_consolidate: decay applies to online EWC only; "
         f"pass online=True (got decay={decay!r} with online=False).")
@@ -203,9 +216,10 @@ def ewc_consolidate(
     return total, jnp.where(positive, merged, p).astype(anchor.dtype)
 
   pairs = jax.tree.map(leaf, state.importance, state.anchor, params, fisher)
-  outer = jax.tree.structure(state.importance)
-  inner = jax.tree.structure((0, 0))
-  importance, anchor = jax.tree.transpose(outer, inner, pairs)
+  # Not jax.tree.transpose: it fails on a tree without leaves (optax's
+  # tree_map_params initialises with one).
+  importance = jax.tree.map(lambda _, pair: pair[0], state.importance, pairs)
+  anchor = jax.tree.map(lambda _, pair: pair[1], state.anchor, pairs)
   new_state = EwcState(importance=importance, anchor=anchor,
                        consolidations=state.consolidations + 1)
   return jax.tree.map(lambda x: new_state if _is_ewc_state(x) else x,
@@ -253,7 +267,11 @@ def empirical_fisher(
     networks", PNAS 2017.
   """
   grads = jax.vmap(jax.grad(loss_fn), in_axes=(None, 0))(params, batches)
-  return jax.tree.map(lambda g: jnp.mean(jnp.square(g), axis=0), grads)
+  # |g|**2: complex gradients enter as their modulus.
+  return jax.tree.map(
+      lambda g: jnp.mean(jnp.square(
+          _tree_utils.to_real(g, _tree_utils.real_dtype(g.dtype))), axis=0),
+      grads)
 
 
 def streaming_ewc(
@@ -289,6 +307,7 @@ def streaming_ewc(
     ``params``; its state is a :class:`StreamingEwcState`.
 
   Raises:
+    TypeError: for a hyperparameter of the wrong type.
     ValueError: for bad hyperparameters; at ``update`` time if ``params`` is
       missing or its tree differs from the updates.
 

@@ -14,7 +14,8 @@ class L2InitState(NamedTuple):
   """State of :func:`l2_init`.
 
   Attributes:
-    anchor: the params given to ``init`` (:math:`\\theta_0`).
+    anchor: the params given to ``init`` (:math:`\\theta_0`), in their dtype
+      promoted to at least float32.
   """
   anchor: chex.ArrayTree
 
@@ -41,6 +42,7 @@ def l2_init(strength: chex.Numeric) -> optax.GradientTransformationExtraArgs:
     ``params``; its state is an :class:`L2InitState`.
 
   Raises:
+    TypeError: for a hyperparameter of the wrong type.
     ValueError: for a negative strength; at ``update`` time if ``params`` is
       missing or its tree differs from the updates.
 

@@ -15,6 +15,8 @@ from sal_jax.contrib import _anchor
 class StreamingMasState(NamedTuple):
   """State of :func:`streaming_mas`.
 
+  Dtypes as in :class:`~sal_jax.contrib.EwcState`.
+
   Attributes:
     count: number of steps taken, int32.
     importance: the (uncorrected) EMA of ``|g|``, like the params.
@@ -62,6 +64,7 @@ def streaming_mas(
     ``params``; its state is a :class:`StreamingMasState`.
 
   Raises:
+    TypeError: for a hyperparameter of the wrong type.
     ValueError: for bad hyperparameters; at ``update`` time if ``params`` is
       missing or its tree differs from the updates.
 

@@ -9,11 +9,16 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from sal_jax import _tree_utils
 from sal_jax.contrib import _anchor
 
 
 class StreamingSiState(NamedTuple):
   """State of :func:`streaming_si`.
+
+  Leaves like the params have the params' dtype promoted to at least
+  float32, with x64 on or off; ``path`` and ``displacement`` (loss changes
+  and squared distances) its real counterpart.
 
   Attributes:
     count: number of steps taken, int32.
@@ -89,6 +94,7 @@ def streaming_si(
     the params).
 
   Raises:
+    TypeError: for a hyperparameter of the wrong type.
     ValueError: for bad hyperparameters; at ``update`` time if ``params`` is
       missing or its tree differs from the updates.
 
@@ -118,13 +124,13 @@ def streaming_si(
                       high_open=True)
 
   def init_fn(params):
-    zeros = _anchor.zeros_like_state(params)
+    real_zeros = _anchor.zeros_like_importance(params)
     return StreamingSiState(
         count=jnp.zeros((), jnp.int32),
         prev_params=_anchor.copy_as_state(params),
-        prev_grad=zeros,
-        path=zeros,
-        displacement=zeros,
+        prev_grad=_anchor.zeros_like_state(params),
+        path=real_zeros,
+        displacement=real_zeros,
         anchor=_anchor.copy_as_state(params),
     )
 
@@ -136,14 +142,17 @@ def streaming_si(
     has_prev = state.count > 0  # a previous step exists: one more interval
 
     def path_leaf(w, g_prev, p, p_prev):
-      return jnp.where(has_prev,
-                       importance_decay * w - g_prev * (p - p_prev),
+      # The loss change along the move; for complex params the real inner
+      # product of the gradient and the move.
+      move = _tree_utils.real_product(g_prev, p - p_prev)
+      return jnp.where(has_prev, importance_decay * w - move,
                        w).astype(w.dtype)
 
     def displacement_leaf(d, p, a):
+      distance = _tree_utils.to_real(p - a, d.dtype)
       return jnp.where(has_prev,
                        importance_decay * d
-                       + (1.0 - importance_decay) * jnp.square(p - a),
+                       + (1.0 - importance_decay) * jnp.square(distance),
                        d).astype(d.dtype)
 
     path = jax.tree.map(path_leaf, state.path, state.prev_grad, params_s,

@@ -9,6 +9,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from sal_jax import _tree_utils
 from sal_jax.contrib import _anchor
 
 
@@ -18,7 +19,8 @@ class UpgdState(NamedTuple):
   Attributes:
     count: number of steps taken, int32.
     utility: the (uncorrected) EMA :math:`u` of the utility ``-g * theta``,
-      like the params.
+      like the params, in their dtype promoted to at least float32 (its
+      real counterpart for complex params), with x64 on or off.
     key: the raw PRNG key (uint32) the next step's noise is drawn from.
   """
   count: jax.Array
@@ -92,6 +94,7 @@ def upgd(
     ``params``; its state is an :class:`UpgdState`.
 
   Raises:
+    TypeError: for a hyperparameter of the wrong type.
     ValueError: for bad hyperparameters; at ``update`` time if ``params`` is
       missing or its tree differs from the updates.
 
@@ -121,7 +124,7 @@ def upgd(
 
   def init_fn(params):
     return UpgdState(count=jnp.zeros((), jnp.int32),
-                     utility=_anchor.zeros_like_state(params),
+                     utility=_anchor.zeros_like_importance(params),
                      key=_raw_key(key))
 
   def update_fn(updates, state, params=None, **extra_args):
@@ -130,11 +133,13 @@ def upgd(
     lr = learning_rate(state.count) if callable(learning_rate) else (
         learning_rate)
     count = state.count + 1
-    utility = jax.tree.map(
-        lambda u, g, p: (utility_decay * u - (1.0 - utility_decay)
-                         * g.astype(u.dtype) * p.astype(u.dtype)
-                         ).astype(u.dtype),
-        state.utility, updates, params)
+    def utility_leaf(u, g, p):
+      dtype = _anchor.state_dtype(p)  # complex params: Re(conj(g) theta)
+      product = _tree_utils.real_product(
+          (1.0 - utility_decay) * g.astype(dtype), p.astype(dtype))
+      return (utility_decay * u - product).astype(u.dtype)
+
+    utility = jax.tree.map(utility_leaf, state.utility, updates, params)
     leaves = jax.tree.leaves(utility)
     if not leaves:
       return updates, state._replace(count=count)
@@ -157,6 +162,7 @@ def upgd(
       scaled = jnp.where(positive, scaled,
                          jnp.where(u < 0, 0.0, 0.5).astype(dtype))
       gate = 1.0 - scaled
+      dtype = _anchor.state_dtype(p)  # complex params: complex noise
       noise = noise_std * jax.random.normal(k, jnp.shape(g), dtype)
       step = (g.astype(dtype) + noise) * gate + weight_decay * p.astype(dtype)
       return (-lr * step).astype(g.dtype)

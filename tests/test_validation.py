@@ -1,0 +1,135 @@
+"""Hyperparameter types: one rule everywhere (``sal_jax._validation``).
+
+A hyperparameter of the wrong type (a string, a bool, a list, ``None`` where
+none is allowed) raises ``TypeError`` naming it, in ``protect``, in the
+estimators and in the baselines. Python numbers are range-checked; scalar
+arrays, tracers included, are accepted where a number is, unchecked (as
+``optax.inject_hyperparams`` passes them).
+"""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+import sal_jax as sal
+from sal_jax import _validation
+from sal_jax import contrib
+
+WRONG_TYPES = [
+    # (factory, argument, value)
+    (sal.protect, "restore", "1"),
+    (sal.protect, "threshold", "0.5"),
+    (sal.protect, "threshold_adaptation", [0.1]),
+    (sal.protect, "score_ema", True),
+    (sal.protect, "initial_score", "0.5"),
+    (sal.protect, "steepness", None),
+    (sal.protect, "gate", 1),
+    (sal.protect, "granularity", 0),
+    (sal.protect, "estimator", 3),
+    (sal.protect, "preserve_rms", "no"),
+    (sal.protect, "threshold_range", "0.1,0.9"),
+    (sal.reference_estimator, "eps", "1e-8"),
+    (sal.consolidation_estimator, "importance_decay", "0.999"),
+    (sal.consolidation_estimator, "relative_importance", None),
+    (sal.shift_consolidation_estimator, "fast_decay", "0.9"),
+    (sal.shift_consolidation_estimator, "warmup_steps", 10.0),
+    (sal.shift_consolidation_estimator, "noise_multiplier", "3"),
+    (sal.shift_consolidation_estimator, "granularity", None),
+    (contrib.ewc, "strength", "100"),
+    (contrib.l2_init, "strength", None),
+    (contrib.streaming_ewc, "importance_decay", "0.999"),
+    (contrib.streaming_mas, "anchor_decay", [0.999]),
+    (contrib.streaming_si, "damping", "0.1"),
+    (contrib.upgd, "learning_rate", "0.1"),
+    (contrib.upgd, "noise_std", True),
+]
+
+# What the factories need besides the argument under test.
+_REQUIRED = {contrib.ewc: {"strength": 1.0}, contrib.l2_init: {"strength": 1.0},
+             contrib.streaming_ewc: {"strength": 1.0},
+             contrib.streaming_mas: {"strength": 1.0},
+             contrib.streaming_si: {"strength": 1.0},
+             contrib.upgd: {"learning_rate": 0.1}}
+
+
+@pytest.mark.parametrize(
+    "factory, name, value", WRONG_TYPES,
+    ids=[f"{f.__name__}-{n}-{type(v).__name__}" for f, n, v in WRONG_TYPES])
+def test_wrong_type_raises_type_error_naming_the_argument(factory, name,
+                                                          value):
+  kwargs = dict(_REQUIRED.get(factory, {}), **{name: value})
+  with pytest.raises(TypeError, match=name):
+    factory(**kwargs)
+
+
+def test_ewc_consolidate_checks_its_arguments():
+  state = contrib.ewc(1.0).init({"w": jnp.zeros(2)})
+  params = fisher = {"w": jnp.ones(2)}
+  with pytest.raises(TypeError, match="decay"):
+    contrib.ewc_consolidate(state, params, fisher, online=True, decay="0.9")
+  with pytest.raises(TypeError, match="online"):
+    contrib.ewc_consolidate(state, params, fisher, online="yes")
+
+
+@pytest.mark.parametrize("value", [
+    0.5, 1, np.float32(0.5), np.float64(0.5), np.array(0.5),
+    jnp.asarray(0.5), jnp.asarray(0.5, jnp.bfloat16), jnp.asarray(1)])
+def test_numbers_and_scalar_arrays_are_accepted(value):
+  sal.protect(threshold=value, threshold_range=(0.1, 1.0),
+              estimator="reference")
+  sal.protect(restore=value)
+  contrib.streaming_si(value, damping=value)
+  contrib.upgd(value)
+
+
+def test_tracers_are_accepted_and_not_range_checked():
+  params = {"w": jnp.ones(3)}
+  grads = {"w": jnp.full(3, 0.5)}
+
+  @jax.jit
+  def step(threshold, restore, strength):
+    tx = optax.chain(sal.protect(threshold=threshold, restore=restore),
+                     contrib.streaming_ewc(strength))
+    return tx.update(grads, tx.init(params), params)[0]
+
+  # 2.0 would fail the range check as a Python number; a traced value is
+  # not known when the transformation is built.
+  out = step(jnp.asarray(2.0), jnp.asarray(1.0), jnp.asarray(0.5))
+  assert np.all(np.isfinite(out["w"]))
+
+
+def test_scalar_arrays_must_be_scalars_of_a_real_dtype():
+  with pytest.raises(TypeError, match="threshold"):
+    sal.protect(threshold=jnp.ones(2))
+  with pytest.raises(TypeError, match="threshold"):
+    sal.protect(threshold=jnp.asarray(True))
+  with pytest.raises(TypeError, match="restore"):
+    sal.protect(restore=jnp.asarray(1.0 + 0j))
+  with pytest.raises(TypeError, match="warmup_steps"):
+    sal.shift_consolidation_estimator(warmup_steps=jnp.asarray(1.5))
+
+
+def test_python_numbers_are_range_checked_arrays_are_not():
+  with pytest.raises(ValueError, match=r"score_ema must be in \(0"):
+    sal.protect(score_ema=0.0)
+  with pytest.raises(ValueError, match=r"restore must be in \[0"):
+    sal.protect(restore=np.float32(-1.0))
+  sal.protect(score_ema=jnp.asarray(0.0))  # an array: its value is its own
+
+
+def test_one_rule_in_one_helper():
+  check = _validation.check_number
+  check("f", "x", 0.5, 0.0, 1.0)
+  check("f", "x", None, optional=True)
+  check("f", "x", jnp.asarray(7), integer=True)
+  for bad in ("1", True, None, [1.0], 1 + 0j, jnp.ones(2)):
+    with pytest.raises(TypeError, match="f: x must be"):
+      check("f", "x", bad)
+  with pytest.raises(TypeError, match="integer"):
+    check("f", "x", 1.0, integer=True)
+  with pytest.raises(ValueError, match=r"f: x must be in \(0, 1\)"):
+    check("f", "x", 1, 0, 1, low_open=True, high_open=True)
+  with pytest.raises(ValueError, match="x must be in"):
+    check("f", "x", float("nan"))
