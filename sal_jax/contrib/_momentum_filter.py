@@ -17,8 +17,8 @@ class MomentumFilterState(NamedTuple):
 
   Attributes:
     count: steps taken, int32.
-    mu: Adam's first moment, like the params, in at least float32.
-    nu: Adam's second moment, likewise.
+    mu: Adam's first moment, in the params' dtype, at least float32.
+    nu: Adam's second moment (of the magnitudes), its real counterpart.
   """
   count: jax.Array
   mu: chex.ArrayTree
@@ -91,12 +91,14 @@ def scale_by_momentum_filter(
     return MomentumFilterState(
         count=jnp.zeros([], jnp.int32),
         mu=_anchor.zeros_like_state(params),
-        nu=_anchor.zeros_like_state(params))
+        nu=_anchor.zeros_like_importance(params))
 
   def update_fn(updates, state, params=None, **extra_args):
     del params, extra_args
     mu = _anchor.ema(state.mu, updates, b1)
-    nu = _anchor.ema(state.nu, jax.tree.map(jnp.square, updates), b2)
+    nu = _anchor.ema(state.nu,
+                     jax.tree.map(lambda g: jnp.square(jnp.abs(g)), updates),
+                     b2)
     count = optax.safe_increment(state.count)
     mu_hat = _anchor.debias(mu, b1, count)
     nu_hat = _anchor.debias(nu, b2, count)

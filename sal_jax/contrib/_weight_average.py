@@ -20,7 +20,8 @@ class WeightAverageState(NamedTuple):
     weight: the average's total weight :math:`1 - \delta^t`, float32
       (its bias correction).
     average: EMA (not bias-corrected) of the params after each update, in
-      at least float32 (half-precision params are averaged in float32).
+      the params' dtype, at least float32 (half-precision params are
+      averaged in float32; float64 and complex params keep their dtype).
   """
   count: jax.Array
   weight: jax.Array
@@ -79,8 +80,8 @@ def weight_average(decay: chex.Numeric = 0.999
     del extra_args
     _anchor.check_params(updates, params)
     new_params = jax.tree.map(
-        lambda p, u: p.astype(jnp.float32) + u.astype(jnp.float32),
-        params, updates)
+        lambda p, u, a: p.astype(a.dtype) + u.astype(a.dtype),
+        params, updates, state.average)
     average = _anchor.ema(state.average, new_params, decay)
     weight = (decay * state.weight + (1.0 - decay)).astype(jnp.float32)
     return updates, WeightAverageState(
