@@ -27,6 +27,7 @@ from sal_jax import _metrics
 from sal_jax import _protect
 from sal_jax import _shift_consolidation
 from sal_jax import _tree_utils
+from sal_jax import _validation
 
 
 def _leading_size(batch: Any, index: int) -> int:
@@ -330,9 +331,7 @@ def consolidate(
     networks", PNAS 2017;
     Schwarz et al., "Progress & Compress", ICML 2018 (online EWC).
   """
-  if _protect._is_python_number(decay) and not 0.0 <= decay <= 1.0:
-    raise ValueError(
-        f"sal_jax.consolidate: decay must be in [0, 1], got {decay!r}.")
+  _validation.check_number("sal_jax.consolidate", "decay", decay, 0.0, 1.0)
   nnx = _nnx_module()
   params = _unwrap_variables(params)
   fisher = _unwrap_variables(fisher)
