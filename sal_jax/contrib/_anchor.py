@@ -40,6 +40,24 @@ def check_range(fn: str, name: str, value: Any, low: float,
                            low_open=low_open, high_open=high_open)
 
 
+def find_state(opt_state: Any, state_type: type, where: str) -> Any:
+  """The one ``state_type`` inside ``opt_state`` (chains, masks, ...).
+
+  Raises:
+    ValueError: naming ``where`` if there is none or more than one.
+  """
+  def is_state(x):
+    return isinstance(x, state_type)
+
+  found = [x for x in jax.tree.leaves(opt_state, is_leaf=is_state)
+           if is_state(x)]
+  if len(found) != 1:
+    raise ValueError(
+        f"sal_jax.contrib.{where}: the optimizer state must hold exactly one "
+        f"{state_type.__name__}, found {len(found)}.")
+  return found[0]
+
+
 def check_params(updates: chex.ArrayTree, params: Any) -> None:
   """The checks every baseline's ``update`` runs before anything else."""
   if params is None:

@@ -194,13 +194,7 @@ def ewc_consolidate(
     raise ValueError(
         "sal_jax.contrib.ewc_consolidate: decay applies to online EWC only; "
         f"pass online=True (got decay={decay!r} with online=False).")
-  found = [x for x in jax.tree.leaves(opt_state, is_leaf=_is_ewc_state)
-           if _is_ewc_state(x)]
-  if len(found) != 1:
-    raise ValueError(
-        "sal_jax.contrib.ewc_consolidate: the optimizer state must hold "
-        f"exactly one EwcState, found {len(found)}.")
-  state = found[0]
+  state = _anchor.find_state(opt_state, EwcState, "ewc_consolidate")
   _tree_utils.check_same_structure(params, state.anchor, "params",
                                    "the EWC anchor")
   _tree_utils.check_same_structure(fisher, params, "fisher", "params")

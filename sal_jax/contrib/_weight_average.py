@@ -91,10 +91,6 @@ def weight_average(decay: chex.Numeric = 0.999
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 
 
-def _is_state(x: Any) -> bool:
-  return isinstance(x, WeightAverageState)
-
-
 def averaged_params(opt_state: Any) -> chex.ArrayTree:
   r"""The bias-corrected average of a :func:`weight_average` state.
 
@@ -109,12 +105,7 @@ def averaged_params(opt_state: Any) -> chex.ArrayTree:
   Raises:
     ValueError: if ``opt_state`` holds no or several such states.
   """
-  found = [x for x in jax.tree.leaves(opt_state, is_leaf=_is_state)
-           if _is_state(x)]
-  if len(found) != 1:
-    raise ValueError(
-        "sal_jax.contrib.averaged_params: the optimizer state must hold "
-        f"exactly one WeightAverageState, found {len(found)}.")
-  state = found[0]
+  state = _anchor.find_state(opt_state, WeightAverageState,
+                             "averaged_params")
   scale = 1.0 / jnp.maximum(state.weight, jnp.finfo(jnp.float32).tiny)
   return jax.tree.map(lambda a: (a * scale).astype(a.dtype), state.average)
