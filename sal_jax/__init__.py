@@ -6,6 +6,7 @@ emerged, as a pure functional ``optax.GradientTransformation``::
   tx = optax.chain(sal.protect(), optax.adamw(1e-3))
 """
 
+from sal_jax._budget import BudgetState
 from sal_jax._consolidation import ConsolidationState
 from sal_jax._consolidation import consolidation_estimator
 from sal_jax._estimator_registry import ESTIMATORS
@@ -90,6 +91,7 @@ from sal_jax._emergence_scores import resonance_measure
 __version__ = "0.1.0"
 
 __all__ = (
+    "BudgetState",
     "ConsolidationState",
     "ESTIMATORS",
     "GATES",

@@ -31,6 +31,10 @@ GateFn = Callable[[jax.Array, jax.Array, float], jax.Array]
 
 DEFAULT_STEEPNESS = 10.0
 
+# Below this gradient norm a leaf counts as "no gradient": rate 0, and the
+# threshold is not adapted when the mean norm is below it.
+NORM_EPS = 1e-8
+
 
 def soft_gate(score, threshold, steepness=DEFAULT_STEEPNESS):
   """Original SAL factor: ``1 - s`` above the threshold, else 1."""
@@ -208,3 +212,33 @@ def apply_factor(
     residual = jnp.sqrt(jnp.clip(1.0 - jnp.square(factor), 0.0, 1.0))
     out = out + residual * sign * jnp.abs(g)
   return out.astype(update.dtype)
+
+
+def adapt_threshold(magnitudes_sum, magnitudes_sq_sum, count, base,
+                    adaptation, low, high, previous):
+  """``clip(base + adaptation * std / (mean + eps), low, high)``."""
+  mean = magnitudes_sum / count
+  var = jnp.maximum(magnitudes_sq_sum / count - jnp.square(mean), 0.0)
+  adapted = jnp.clip(base + adaptation * jnp.sqrt(var) / (mean + NORM_EPS),
+                     low, high)
+  return jnp.where(mean >= NORM_EPS, adapted, previous)
+
+
+def protection_rate(gate_fn, granularity, g, s, norm_in, threshold,
+                    steepness):
+  """``1 - ||g f|| / ||g||`` of one leaf, ``f`` the gate's factor."""
+  if gate_fn is no_gate:
+    # Nothing is gated: the rate is 0 without another pass over g.
+    return jnp.zeros((), jnp.float32)
+  if granularity == "leaf":
+    f = gate_fn(s.astype(jnp.float32), threshold, steepness)
+    norm_out = jnp.abs(f) * norm_in  # f is one scalar for the leaf
+  else:
+    # The factor is recomputed from the scores behind a barrier: were
+    # the factor array shared by this reduction and the gated update,
+    # XLA would write it to a full-size temporary.
+    s = jax.lax.optimization_barrier(s)
+    f = gate_fn(s.astype(jnp.float32), threshold, steepness)
+    norm_out = jnp.sqrt(jnp.sum(jnp.square(_tree_utils.to_real(g) * f)))
+  safe = jnp.where(norm_in > NORM_EPS, norm_in, 1.0)
+  return jnp.where(norm_in > NORM_EPS, 1.0 - norm_out / safe, 0.0)

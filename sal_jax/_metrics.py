@@ -8,6 +8,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
+from sal_jax import _budget
 from sal_jax import _protect
 
 # Cut-offs of the original's stability summary (strict inequalities).
@@ -69,7 +70,11 @@ def metrics(opt_state: Any) -> dict[str, jax.Array]:
     ``neutral_fraction``: the rest;
   * ``mean_score``: the mean score over units;
   * ``consolidations`` (int32), only with an estimator that counts them
-    (``"shift_consolidation"``): the shifts detected so far.
+    (``"shift_consolidation"``): the shifts (and :func:`consolidate` calls)
+    so far;
+  * ``estimated_forgetting`` and ``multiplier``, only with
+    ``protect(budget=...)``: the last drift passed to ``update`` and the
+    multiplier the controller applied to the pull at that step.
 
   Args:
     opt_state: an optimizer state holding exactly one
@@ -132,4 +137,7 @@ def metrics(opt_state: Any) -> dict[str, jax.Array]:
   consolidations = getattr(state.estimator_state, "consolidations", None)
   if consolidations is not None:
     out["consolidations"] = consolidations
+  if isinstance(state.budget_state, _budget.BudgetState):
+    out["estimated_forgetting"] = state.budget_state.drift
+    out["multiplier"] = state.budget_state.multiplier
   return out

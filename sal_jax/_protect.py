@@ -11,6 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from sal_jax import _budget
 from sal_jax import _estimator_registry
 from sal_jax import _estimators
 from sal_jax import _gates
@@ -23,11 +24,6 @@ from sal_jax import _validation
 DEFAULT_RESTORE = 1.0
 
 _WHERE = "sal_jax.protect"
-
-# Below this gradient norm a leaf counts as "no gradient": rate 0, and the
-# threshold is not adapted when the mean norm is below it.
-_NORM_EPS = 1e-8
-
 
 class ProtectState(NamedTuple):
   """State of :func:`protect`.
@@ -49,6 +45,8 @@ class ProtectState(NamedTuple):
     mean_protection_rate: running mean over steps of the per-step mean (over
       leaves) protection rate, float32.
     estimator_state: the state of the stability estimator.
+    budget_state: with ``protect(budget=...)``, the controller's
+      :class:`~sal_jax.BudgetState`; ``optax.EmptyState()`` otherwise.
   """
   count: jax.Array
   threshold: jax.Array
@@ -56,6 +54,7 @@ class ProtectState(NamedTuple):
   protection_rates: chex.ArrayTree
   mean_protection_rate: jax.Array
   estimator_state: Any
+  budget_state: Any
 
 
 def _check_score_shapes(raw, scores, granularity) -> None:
@@ -65,16 +64,6 @@ def _check_score_shapes(raw, scores, granularity) -> None:
           f"sal_jax.protect: the estimator returned scores of shape "
           f"{jnp.shape(r)} where granularity {granularity!r} needs "
           f"{jnp.shape(s)}; set the estimator's granularity to match.")
-
-
-def _adapt_threshold(magnitudes_sum, magnitudes_sq_sum, count, base,
-                     adaptation, low, high, previous):
-  """``clip(base + adaptation * std / (mean + eps), low, high)``."""
-  mean = magnitudes_sum / count
-  var = jnp.maximum(magnitudes_sq_sum / count - jnp.square(mean), 0.0)
-  adapted = jnp.clip(base + adaptation * jnp.sqrt(var) / (mean + _NORM_EPS),
-                     low, high)
-  return jnp.where(mean >= _NORM_EPS, adapted, previous)
 
 
 def protect(
@@ -92,6 +81,9 @@ def protect(
     steepness: float = _gates.DEFAULT_STEEPNESS,
     preserve_rms: bool = False,
     restore: chex.Numeric | None = None,
+    budget: chex.Numeric | None = None,
+    budget_gains: tuple[chex.Numeric, chex.Numeric] = (
+        _budget.DEFAULT_INTEGRAL_GAIN, _budget.DEFAULT_PROPORTIONAL_GAIN),
 ) -> optax.GradientTransformationExtraArgs:
   r"""Protects what training has settled (Self-Alignment Learning).
 
@@ -116,6 +108,21 @@ def protect(
   the original rule), ``"hard"``, ``"linear"``, ``"sigmoid"`` or ``"none"``
   (see :mod:`sal_jax._gates`), :math:`F` the estimator's restoring force (if
   it has one) and :math:`\lambda` = ``restore``.
+
+  With a drift budget :math:`\varepsilon` (``budget``), the pull's strength
+  is :math:`\lambda m` and the multiplier :math:`m \ge 1` adapts so that
+  the drift :math:`D` passed to every ``update`` (``drift=``, measured at
+  the current params, e.g. :func:`sal_jax.prediction_drift` on a few
+  earlier inputs) stays at or below :math:`\varepsilon`: with gains
+  :math:`(k_i, k_p)` = ``budget_gains``, a PI controller in log space,
+
+  .. math::
+    e = \operatorname{clip}(\log(D / \varepsilon), -2, 2), \quad
+    \ell \leftarrow \operatorname{clip}(\ell + k_i e, 0, \log 10^6),
+    \quad m = \exp(\operatorname{clip}(\ell + k_p e, 0, \log 10^6)),
+
+  scale-free: the gains mean the same whatever the budget, the loss or the
+  pull's units (see :mod:`sal_jax._budget`).
 
   Defaults: the shift-consolidation estimator per element, no gate, and a
   restoring pull of strength 1 (a task-free online EWC, see
@@ -169,7 +176,16 @@ def protect(
       :math:`F` is the estimator's ``restoring_force`` (e.g. a pull of
       settled parameters back toward the value they settled at). Only for
       estimators that define one. ``None`` (the default): 1.0 for such an
-      estimator, no pull otherwise; 0 turns the pull off.
+      estimator, no pull otherwise; 0 turns the pull off. With a
+      ``budget``, the strength below which the multiplier never goes.
+    budget: :math:`\varepsilon > 0`, the largest drift of the earlier
+      behaviour to allow, in the units of the ``drift`` passed to
+      ``update`` (nats for :func:`sal_jax.prediction_drift`). ``None``
+      (the default): the fixed strength ``restore``. With a budget every
+      ``update`` needs ``drift=``; a non-finite drift leaves the
+      controller as it was.
+    budget_gains: :math:`(k_i, k_p)`, the controller's integral and
+      proportional gains, per step, on the log of the multiplier.
 
   Returns:
     An ``optax.GradientTransformationExtraArgs`` whose ``update`` requires
@@ -204,6 +220,14 @@ def protect(
   check("initial_score", initial_score, 0.0, 1.0)
   check("steepness", steepness)
   check("restore", restore, 0.0, optional=True)
+  check("budget", budget, 0.0, optional=True, low_open=True)
+  _validation.check_choice(_WHERE, "budget_gains", budget_gains,
+                           (tuple, list))
+  if len(budget_gains) != 2:
+    raise ValueError(f"{_WHERE}: budget_gains must be (integral, "
+                     f"proportional), got {budget_gains!r}.")
+  integral_gain, proportional_gain = budget_gains
+  _budget.check_gains(integral_gain, proportional_gain)
   _validation.check_choice(_WHERE, "gate", gate, str, optional=True)
   _validation.check_choice(_WHERE, "preserve_rms", preserve_rms,
                            (bool, np.bool_))
@@ -238,9 +262,19 @@ def protect(
     raise ValueError(
         f"{_WHERE}: restore needs an estimator with a restoring force; "
         f"{estimator!r} has none.")
+  if budget is not None and not has_force:
+    raise ValueError(
+        f"{_WHERE}: a budget sets the strength of the restoring pull, and "
+        f"{estimator!r} has none; use an estimator with a restoring force "
+        "(the default, 'shift_consolidation').")
   if restore is None and has_force:
     restore = DEFAULT_RESTORE
   if numbers(restore) and restore == 0:
+    if budget is not None:
+      raise ValueError(
+          f"{_WHERE}: restore=0 turns the pull off, so a budget would act "
+          "on nothing; restore is the strength the budget's multiplier "
+          "starts from (default 1).")
     restore = None  # no pull: skip computing the force
   dtype = jnp.dtype(jnp.float32 if state_dtype is None else state_dtype)
   if not jnp.issubdtype(dtype, jnp.floating):
@@ -261,12 +295,16 @@ def protect(
         protection_rates=jax.tree.map(lambda _: jnp.zeros((), dtype), params),
         mean_protection_rate=jnp.zeros((), jnp.float32),
         estimator_state=stability.init(params),
+        budget_state=(optax.EmptyState() if budget is None
+                      else _budget.init()),
     )
 
-  def update_fn(updates, state, params=None, **extra_args):
+  def update_fn(updates, state, params=None, drift=None, **extra_args):
     del extra_args
     if params is None:
       raise ValueError(_tree_utils.MISSING_PARAMS_MESSAGE)
+    if budget is not None:
+      drift = _budget.as_drift(drift)
     _tree_utils.check_same_structure(updates, params)
     if jax.tree.structure(state.protection_rates) != jax.tree.structure(
         params):
@@ -280,6 +318,8 @@ def protect(
       # Per-device updates: work on their cross-device mean, so that every
       # replica computes the same statistics, state and output.
       updates = jax.lax.pmean(updates, axis_name)
+      if budget is not None:
+        drift = jax.lax.pmean(drift, axis_name)
 
     # Threshold adaptation from the spread of update magnitudes.
     norms = _tree_utils.leaf_norms(updates)
@@ -300,7 +340,7 @@ def protect(
     finite = (jnp.isfinite(jnp.asarray(m_sum))
               & jnp.isfinite(jnp.asarray(m_sq_sum))
               & _tree_utils.all_finite(params))
-    new_threshold = jnp.where(finite, _adapt_threshold(
+    new_threshold = jnp.where(finite, _gates.adapt_threshold(
         m_sum, m_sq_sum, max(m_count, 1), threshold, threshold_adaptation,
         low, high, state.threshold), state.threshold)
 
@@ -328,11 +368,17 @@ def protect(
         scores)
     force = (stability.restoring_force(estimator_state, params)
              if restore is not None else None)
+    budget_state = state.budget_state
+    strength = restore
+    if budget is not None:
+      budget_state = _budget.step(budget_state, drift, budget, integral_gain,
+                                  proportional_gain, finite)
+      strength = restore * budget_state.multiplier
 
     def gate_leaf(g, f, r=None):
       h = _gates.apply_factor(g, f, state.count, preserve_rms)
       if r is not None:
-        h = (h + restore * r).astype(h.dtype)
+        h = (h + strength * r).astype(h.dtype)
       return jnp.where(finite, h, g)
 
     if force is None:
@@ -340,27 +386,11 @@ def protect(
     else:
       updates_out = jax.tree.map(gate_leaf, updates, factors, force)
 
-    def rate(g, s, norm_in):
-      if gate_fn is _gates.no_gate:
-        # Nothing is gated: the rate is 0 without another pass over g.
-        return jnp.zeros((), jnp.float32)
-      if granularity == "leaf":
-        f = gate_fn(s.astype(jnp.float32), new_threshold, steepness)
-        norm_out = jnp.abs(f) * norm_in  # f is one scalar for the leaf
-      else:
-        # The factor is recomputed from the scores behind a barrier: were
-        # the factor array shared by this reduction and the gated update,
-        # XLA would write it to a full-size temporary.
-        s = jax.lax.optimization_barrier(s)
-        f = gate_fn(s.astype(jnp.float32), new_threshold, steepness)
-        norm_out = jnp.sqrt(jnp.sum(jnp.square(_tree_utils.to_real(g) * f)))
-      safe = jnp.where(norm_in > _NORM_EPS, norm_in, 1.0)
-      return jnp.where(norm_in > _NORM_EPS, 1.0 - norm_out / safe, 0.0)
-
     # The rate measures the gated mean signal f*g (what the optimizer's step
     # shrinks by), not the dither or the restoring pull.
     rates = jax.tree.map(
-        lambda g, s, n, old: jnp.where(finite, rate(g, s, n),
+        lambda g, s, n, old: jnp.where(finite, _gates.protection_rate(
+            gate_fn, granularity, g, s, n, new_threshold, steepness),
                                        old).astype(dtype),
         updates, scores, norms, state.protection_rates)
     rate_leaves = jax.tree.leaves(rates)
@@ -381,6 +411,7 @@ def protect(
         protection_rates=rates,
         mean_protection_rate=mean_rate.astype(jnp.float32),
         estimator_state=estimator_state,
+        budget_state=budget_state,
     )
     return updates_out, new_state
 

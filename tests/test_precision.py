@@ -266,7 +266,8 @@ def test_every_estimator_state_follows_the_dtype_policy(estimator,
             scores={k: jnp.zeros(p.shape if granularity == "element" else (),
                                  f32) for k, p in params.items()},
             protection_rates={k: jnp.zeros((), f32) for k in params},
-            mean_protection_rate=jnp.zeros((), f32), estimator_state=None))
+            mean_protection_rate=jnp.zeros((), f32), estimator_state=None,
+            budget_state=optax.EmptyState()))
     expected = _expected_estimator_dtypes(s.estimator_state, params,
                                           granularity)
     assert _shape_dtype(s.estimator_state) == expected
