@@ -71,6 +71,10 @@ def parse_args(argv=None) -> argparse.Namespace:
                       help="methods compiled at a time (default 2)")
   parser.add_argument("--out", default="outputs/continual",
                       help="output folder")
+  parser.add_argument("--merge", action="store_true",
+                      help="rerun only --methods and merge them into the "
+                      "results.json already in --out (same protocols, "
+                      "seeds and quick setting), keeping the other methods")
   parser.add_argument("--report-only", action="store_true",
                       help="rewrite results.md and the figures from the "
                       "results.json in --out, training nothing")
@@ -150,6 +154,27 @@ def run_protocol(protocol: cl_protocols.Protocol, methods: list[str],
           "methods": entries}
 
 
+def _merge(old: dict, new: dict, args: argparse.Namespace) -> dict:
+  """``old`` with the methods of ``new`` replaced (or added)."""
+  if (old["settings"]["quick"], old["settings"]["seeds"]) != (
+      args.quick, args.seeds):
+    raise SystemExit("--merge: the results in --out were run with quick="
+                     f"{old['settings']['quick']}, seeds="
+                     f"{old['settings']['seeds']}; run with the same.")
+  for name, protocol in new["protocols"].items():
+    if name not in old["protocols"]:
+      raise SystemExit(f"--merge: protocol {name!r} is not in --out.")
+    if (protocol["single_task_accuracy"]
+        != old["protocols"][name]["single_task_accuracy"]):
+      raise SystemExit(f"--merge: protocol {name!r} no longer reproduces "
+                       "its single-task accuracy; rerun everything.")
+    old["protocols"][name]["methods"].update(protocol["methods"])
+  old["settings"].setdefault("merged", []).append(
+      {"command": new["settings"]["command"], "methods": args.methods,
+       "protocols": args.protocols, "jax": new["settings"]["jax"]})
+  return old
+
+
 def main(argv=None) -> dict:
   """Runs the benchmark, writes the reports, returns the results."""
   args = parse_args(argv)
@@ -175,14 +200,21 @@ def main(argv=None) -> dict:
     for protocol in protocols:
       results["protocols"][protocol.name] = run_protocol(
           protocol, args.methods, args, progress)
+  if args.merge:
+    results = _merge(json.loads((out / "results.json").read_text()),
+                     results, args)
   cl_report.add_matched(results)
   figures = [path for name, protocol in results["protocols"].items()
              for path in cl_report.plot_protocol(name, protocol, out)]
-  results["settings"]["seconds"] = time.perf_counter() - start
+  if args.merge:
+    results["settings"]["merged"][-1]["seconds"] = (
+        time.perf_counter() - start)
+  else:
+    results["settings"]["seconds"] = time.perf_counter() - start
   cl_report.write_json(results, out / "results.json")
   print(cl_report.write_markdown(results, out / "results.md"))
   print(f"wrote {out / 'results.json'}, {out / 'results.md'} and "
-        f"{len(figures)} figures in {results['settings']['seconds']:.0f} s")
+        f"{len(figures)} figures in {time.perf_counter() - start:.0f} s")
   return results
 
 

@@ -26,6 +26,7 @@ import jax
 import jax.numpy as jnp
 
 from sal_jax import _tree_utils
+from sal_jax import _validation
 
 GateFn = Callable[[jax.Array, jax.Array, float], jax.Array]
 
@@ -242,3 +243,29 @@ def protection_rate(gate_fn, granularity, g, s, norm_in, threshold,
     norm_out = jnp.sqrt(jnp.sum(jnp.square(_tree_utils.to_real(g) * f)))
   safe = jnp.where(norm_in > NORM_EPS, norm_in, 1.0)
   return jnp.where(norm_in > NORM_EPS, 1.0 - norm_out / safe, 0.0)
+
+
+def check_threshold_range(where: str, threshold, threshold_range) -> tuple:
+  """Validates ``threshold_range`` (and ``threshold`` inside it).
+
+  Returns:
+    ``(low, high)``.
+  """
+  low, high = _validation.check_pair(where, "threshold_range",
+                                     threshold_range, "(low, high)")
+  _validation.check_number(where, "threshold_range[0]", low, 0.0, 1.0)
+  _validation.check_number(where, "threshold_range[1]", high, 0.0, 1.0)
+  numbers = _validation.is_python_number
+  if numbers(low) and numbers(high) and not low <= high:
+    raise ValueError(
+        f"{where}: threshold_range must satisfy 0 <= low <= high <= 1, got "
+        f"{threshold_range!r}.")
+  if numbers(threshold) and numbers(low) and numbers(high) and not (
+      low <= threshold <= high):
+    # The adapted threshold is clipped into threshold_range: a base outside
+    # it would silently act as the nearest bound.
+    raise ValueError(
+        f"{where}: threshold {threshold!r} lies outside threshold_range "
+        f"{threshold_range!r}, into which the adapted threshold is clipped; "
+        "widen threshold_range, or pass gate='none' to gate nothing.")
+  return low, high

@@ -221,37 +221,15 @@ def protect(
   check("steepness", steepness)
   check("restore", restore, 0.0, optional=True)
   check("budget", budget, 0.0, optional=True, low_open=True)
-  _validation.check_choice(_WHERE, "budget_gains", budget_gains,
-                           (tuple, list))
-  if len(budget_gains) != 2:
-    raise ValueError(f"{_WHERE}: budget_gains must be (integral, "
-                     f"proportional), got {budget_gains!r}.")
-  integral_gain, proportional_gain = budget_gains
+  integral_gain, proportional_gain = _validation.check_pair(
+      _WHERE, "budget_gains", budget_gains, "(integral, proportional)")
   _budget.check_gains(integral_gain, proportional_gain)
   _validation.check_choice(_WHERE, "gate", gate, str, optional=True)
   _validation.check_choice(_WHERE, "preserve_rms", preserve_rms,
                            (bool, np.bool_))
-  _validation.check_choice(_WHERE, "threshold_range", threshold_range,
-                           (tuple, list))
-  if len(threshold_range) != 2:
-    raise ValueError(f"{_WHERE}: threshold_range must be (low, high), got "
-                     f"{threshold_range!r}.")
-  low, high = threshold_range
-  check("threshold_range[0]", low, 0.0, 1.0)
-  check("threshold_range[1]", high, 0.0, 1.0)
+  low, high = _gates.check_threshold_range(_WHERE, threshold,
+                                           threshold_range)
   numbers = _validation.is_python_number
-  if numbers(low) and numbers(high) and not low <= high:
-    raise ValueError(
-        f"{_WHERE}: threshold_range must satisfy 0 <= low <= high <= 1, got "
-        f"{threshold_range!r}.")
-  if numbers(threshold) and numbers(low) and numbers(high) and not (
-      low <= threshold <= high):
-    # The adapted threshold is clipped into threshold_range: a base outside
-    # it would silently act as the nearest bound.
-    raise ValueError(
-        f"{_WHERE}: threshold {threshold!r} lies outside threshold_range "
-        f"{threshold_range!r}, into which the adapted threshold is clipped; "
-        "widen threshold_range, or pass gate='none' to gate nothing.")
   stability = _estimator_registry.get_estimator(estimator, granularity)
   granularity = stability.granularity
   has_force = stability.restoring_force is not None

@@ -113,3 +113,11 @@ def check_choice(where: str, name: str, value: Any, types: type | tuple,
         f"{where}: {name} must be a {expected}"
         f"{' or None' if optional else ''}, got {type(value).__name__} "
         f"{value!r}.")
+
+
+def check_pair(where: str, name: str, value: Any, meaning: str) -> tuple:
+  """``value`` as a pair (a tuple or list of two); ``meaning`` names them."""
+  check_choice(where, name, value, (tuple, list))
+  if len(value) != 2:
+    raise ValueError(f"{where}: {name} must be {meaning}, got {value!r}.")
+  return tuple(value)
