@@ -6,7 +6,7 @@ Pretrain an MLP (Flax NNX) on task A, then train it on task B with
   * ``chain(sal.protect(budget=eps), adamw)`` after ``sal.consolidate`` with
     the diagonal Fisher of task A's model on task B's inputs (labels sampled
     from the model: no old labels), passing at every step the drift of the
-    model's predictions on a probe of 64 unlabelled task-A inputs,
+    model's predictions on a probe of 256 unlabelled task-A inputs,
     ``sal.prediction_drift(anchor_logits, logits)``, as ``drift=``.
 
 Task pairs (scikit-learn's 8x8 digits, all ten classes in both tasks):
@@ -14,9 +14,10 @@ Task pairs (scikit-learn's 8x8 digits, all ten classes in both tasks):
 random permutation of the pixels). Reported per budget, as means over seeds:
 the final drift on the probe and on task A's held-out test inputs, the rise
 of task A's test loss, task A's and task B's test accuracy (B as a fraction
-of AdamW's), and the controller's final multiplier.
+of AdamW's), and the controller's final multiplier; the probe's drift at
+every step is plotted next to the JSON (``.png``).
 
-  python examples/drift_budget.py [--seeds 3] [--steps 1000]
+  python examples/drift_budget.py [--seeds 3] [--steps 1000] [--probe 256]
       [--budgets 0.03 0.1 0.3] [--pairs rotate permute] [--out FILE]
 """
 
@@ -34,7 +35,6 @@ from sklearn.model_selection import train_test_split
 
 import sal_jax as sal
 
-PROBE = 64
 
 
 class MLP(nnx.Module):
@@ -74,17 +74,30 @@ def train_step(model, optimizer, x, y):
 
 
 @nnx.jit
+def watched_step(model, optimizer, x, y, probe, anchor_logits):
+  """AdamW's step; returns the probe's drift (for the plot only)."""
+  grads = nnx.grad(lambda m: nll(m, x, y).mean())(model)
+  drift = sal.prediction_drift(anchor_logits, model(probe))
+  optimizer.update(model, grads)
+  return drift
+
+
+@nnx.jit
 def budget_step(model, optimizer, x, y, probe, anchor_logits):
   grads = nnx.grad(lambda m: nll(m, x, y).mean())(model)
   drift = sal.prediction_drift(anchor_logits, model(probe))
   optimizer.update(model, grads, drift=drift)
+  return drift
 
 
 def train(model, optimizer, x, y, steps, seed, step_fn=train_step, *args):
+  """Returns what ``step_fn`` returns at each step, as one array."""
   rng = np.random.default_rng(seed)
+  out = []
   for _ in range(steps):
     idx = rng.integers(0, len(x), 64)
-    step_fn(model, optimizer, x[idx], y[idx], *args)
+    out.append(step_fn(model, optimizer, x[idx], y[idx], *args))
+  return np.asarray(out) if out[0] is not None else None
 
 
 def evaluate(model, data, anchor_logits_test):
@@ -97,13 +110,14 @@ def evaluate(model, data, anchor_logits_test):
   }
 
 
-def run_pair(pair, seed, steps, budgets, lr):
+def run_pair(pair, seed, steps, budgets, lr, probe_size):
   (a_tr, ya_tr, a_te, ya_te), (b_tr, yb_tr, b_te, yb_te) = load_pair(
       pair, seed)
   pretrained = MLP(nnx.Rngs(seed))
   train(pretrained, nnx.Optimizer(pretrained, optax.adamw(lr), wrt=nnx.Param),
         a_tr, ya_tr, steps, seed)
-  probe = a_tr[np.random.default_rng(seed).permutation(len(a_tr))[:PROBE]]
+  order = np.random.default_rng(seed).permutation(len(a_tr))
+  probe = a_tr[order[:probe_size]]
   anchor_probe = pretrained(probe)
   anchor_test = pretrained(a_te)
   before = evaluate(pretrained, (a_te, ya_te), anchor_test)
@@ -128,14 +142,15 @@ def run_pair(pair, seed, steps, budgets, lr):
     model = nnx.clone(pretrained)
     if budget is None:
       optimizer = nnx.Optimizer(model, optax.adamw(lr), wrt=nnx.Param)
-      train(model, optimizer, b_tr, yb_tr, steps, seed + 1)
+      drifts = train(model, optimizer, b_tr, yb_tr, steps, seed + 1,
+                     watched_step, probe, anchor_probe)
       multiplier = float("nan")
     else:
       tx = optax.chain(sal.protect(budget=budget), optax.adamw(lr))
       optimizer = nnx.Optimizer(model, tx, wrt=nnx.Param)
       sal.consolidate(optimizer, params, fisher)  # updates it in place
-      train(model, optimizer, b_tr, yb_tr, steps, seed + 1, budget_step,
-            probe, anchor_probe)
+      drifts = train(model, optimizer, b_tr, yb_tr, steps, seed + 1,
+                     budget_step, probe, anchor_probe)
       multiplier = float(sal.metrics(optimizer)["multiplier"])
     old = evaluate(model, (a_te, ya_te), anchor_test)
     new = evaluate(model, (b_te, yb_te), anchor_test)
@@ -147,8 +162,33 @@ def run_pair(pair, seed, steps, budgets, lr):
         "old_accuracy": old["accuracy"],
         "new_accuracy": new["accuracy"],
         "multiplier": multiplier,
+        "probe_drift_per_step": drifts.tolist(),
     }
   return results
+
+
+def plot(report, budgets, path):
+  import matplotlib  # pylint: disable=import-outside-toplevel
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt  # pylint: disable=import-outside-toplevel
+  fig, axes = plt.subplots(1, len(report), figsize=(5.5 * len(report), 4),
+                           squeeze=False)
+  for ax, (pair, result) in zip(axes[0], report.items()):
+    for i, name in enumerate(result["seeds"][0]):
+      curve = np.mean([r[name]["probe_drift_per_step"]
+                       for r in result["seeds"]], axis=0)
+      ax.plot(curve, color=f"C{i}", label=name)
+      budget = result["seeds"][0][name]["budget"]
+      if budget is not None:
+        ax.axhline(budget, color=f"C{i}", ls=":", lw=1)
+    ax.set_yscale("log")
+    ax.set_xlabel("step on task B")
+    ax.set_ylabel("drift on the probe (nats of KL), mean over seeds")
+    ax.set_title(f"{pair}: dotted = budget")
+    ax.legend(fontsize=8)
+  fig.tight_layout()
+  fig.savefig(path, dpi=110)
+  plt.close(fig)
 
 
 def main():
@@ -156,6 +196,8 @@ def main():
   parser.add_argument("--seeds", type=int, default=3)
   parser.add_argument("--steps", type=int, default=1000)
   parser.add_argument("--lr", type=float, default=1e-3)
+  parser.add_argument("--probe", type=int, default=256,
+                      help="unlabelled task-A training inputs in the probe")
   parser.add_argument("--budgets", type=float, nargs="+",
                       default=[0.03, 0.1, 0.3])
   parser.add_argument("--pairs", nargs="+", default=["rotate", "permute"])
@@ -164,10 +206,13 @@ def main():
 
   report = {}
   for pair in args.pairs:
-    runs = [run_pair(pair, seed, args.steps, args.budgets, args.lr)
+    runs = [run_pair(pair, seed, args.steps, args.budgets, args.lr,
+                     args.probe)
             for seed in range(args.seeds)]
     mean = {m: {k: float(np.mean([r[m][k] for r in runs]))
-                for k in runs[0][m] if k != "budget"} for m in runs[0]}
+                for k in runs[0][m]
+                if k not in ("budget", "probe_drift_per_step")}
+            for m in runs[0]}
     report[pair] = {"seeds": runs, "mean": mean}
     plain = mean["adamw"]["new_accuracy"]
     print(f"\n{pair}: means over {args.seeds} seeds, {args.steps} steps per "
@@ -182,8 +227,9 @@ def main():
             f"{m['multiplier']:.3g} |")
   out = pathlib.Path(args.out)
   out.parent.mkdir(parents=True, exist_ok=True)
-  out.write_text(json.dumps({"args": vars(args), "pairs": report}, indent=1))
-  print(f"\nwrote {out}")
+  out.write_text(json.dumps({"args": vars(args), "pairs": report}))
+  plot(report, args.budgets, out.with_suffix(".png"))
+  print(f"\nwrote {out} and {out.with_suffix('.png')}")
 
 
 if __name__ == "__main__":

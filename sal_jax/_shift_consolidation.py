@@ -117,22 +117,13 @@ def shift_consolidation_estimator(
 
   .. math::
     r_i = \frac{\Omega^*_i}{\Omega^*_i + c \operatorname{mean}(\Omega^*)},
-    \qquad F_i = \Omega^*_i \sqrt{\hat e_s \hat\Omega_i} \,
-      (\theta_i - \theta^*_i),
+    \qquad F_i = \Omega^*_i \sqrt{\hat e_s} \, (\theta_i - \theta^*_i),
 
   (:math:`c` = ``relative_importance``), so nothing is protected before the
   first shift, and afterwards what the earlier regimes made important is
   pulled back to where it stood when the shift came: the online EWC penalty
-  gradient :math:`\lambda \Omega^* (\theta - \theta^*)` with the task
-  boundaries detected, in the units of each unit's own gradient RMS
-  :math:`\sqrt{\hat e_s \hat\Omega_i}` (:math:`\hat e_s \hat\Omega_i`
-  averages :math:`g_i^2`). An RMS-normalising optimizer behind ``protect``
-  (Adam, AdamW) divides that RMS away: each step then moves
-  :math:`\theta_i` toward :math:`\theta^*_i` by
-  :math:`\eta \lambda \Omega^*_i (\theta_i - \theta^*_i)` (learning rate
-  :math:`\eta`), whatever the gradient's scale, and the parameters the new
-  task pushes hardest keep their pull. Behind SGD the pull keeps a fixed
-  ratio to the gradient.
+  gradient :math:`\lambda F (\theta - \theta^*)` with the task boundaries
+  detected, in gradient units (:math:`\sqrt{\hat e_s}`).
 
   Memory: the anchor (a float32 copy of the params) plus the importance and
   the consolidated importance (two float32 copies at element granularity,
@@ -303,17 +294,9 @@ def shift_consolidation_estimator(
     return raw, new_state
 
   def restoring_force(state, params):
-    # Each unit's own gradient RMS, sqrt(e_s * importance_hat): an
-    # RMS-normalising optimizer behind protect (Adam) divides it away, so
-    # the most-pushed units keep their pull; SGD sees it in the gradient's
-    # units, whatever their scale.
-    scale = slow_hat(state.slow_energy, state.count) / (
-        1.0 - _tree_utils.decay_power(importance_decay,
-                                      jnp.maximum(state.count, 1)))
-    return jax.tree.map(
-        lambda w, o, p, a: (w * jnp.sqrt(scale * o))
-        * (p.astype(a.dtype) - a),
-        state.consolidated, state.importance, params, state.anchor)
+    scale = jnp.sqrt(slow_hat(state.slow_energy, state.count))
+    return _estimators.anchor_pull(state.consolidated, scale, params,
+                                   state.anchor)
 
   return _estimators.StabilityEstimator(init_fn, update_fn, restoring_force,
                                        granularity)

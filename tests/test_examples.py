@@ -1,5 +1,6 @@
 """Smoke tests: the examples run end to end with tiny settings."""
 
+import json
 import pathlib
 import subprocess
 import sys
@@ -45,3 +46,19 @@ def test_fisher_no_labels_example_runs():
   for name in ("none (adamw)", "a ", "c ", "u "):
     assert name in result.stdout
   assert "Pearson / Spearman" in result.stdout
+
+
+def test_drift_budget_example_runs(tmp_path):
+  out = tmp_path / "drift_budget.json"
+  result = subprocess.run(
+      [sys.executable, str(ROOT / "examples" / "drift_budget.py"),
+       "--seeds", "1", "--steps", "40", "--budgets", "0.1",
+       "--pairs", "permute", "--out", str(out)],
+      capture_output=True, text=True, timeout=300, cwd=ROOT)
+  assert result.returncode == 0, result.stderr[-3000:]
+  assert "| adamw |" in result.stdout and "| budget 0.1 |" in result.stdout
+  report = json.loads(out.read_text())
+  seed = report["pairs"]["permute"]["seeds"][0]
+  assert len(seed["budget 0.1"]["probe_drift_per_step"]) == 40
+  assert seed["budget 0.1"]["multiplier"] >= 1.0
+  assert out.with_suffix(".png").exists()

@@ -339,11 +339,11 @@ def test_after_consolidate_the_protect_step_pulls_toward_the_anchor():
   params = jax.tree.map(lambda p: p + 0.5, anchor)
   grads = {"a": jnp.full(4, 0.2), "b": jnp.full((2, 3), -0.1)}
   updates, state = protect.update(grads, state, params)
-  # After one step each entry's gradient RMS is |g| (the running mean of
-  # g^2, bias-corrected, is g^2 itself).
-  for k in grads:  # g + restore * Omega* rms (theta - theta*)
-    expected = grads[k] + 2.0 * FISHER[k] / FISHER_MEAN * np.abs(
-        grads[k]) * 0.5
+  energy = np.mean(np.concatenate([np.ravel(g) ** 2
+                                   for g in jax.tree.leaves(grads)]))
+  for k in grads:  # g + restore * Omega* sqrt(e_s) (theta - theta*)
+    expected = grads[k] + 2.0 * FISHER[k] / FISHER_MEAN * np.sqrt(
+        energy) * 0.5
     np.testing.assert_allclose(updates[k], expected, rtol=1e-5)
 
 

@@ -55,9 +55,8 @@ def _numpy_reference(grads, params, granularity):
     units = np.concatenate([np.ravel(consolidated[k]) for k in g])
     mean = units.mean()
     raw = {k: consolidated[k] / (consolidated[k] + mean + 1e-30) for k in g}
-    # Each unit's own gradient RMS: e_slow times the bias-corrected omega.
-    rms = {k: np.sqrt(e_slow * omega[k] / (1 - GAMMA ** count)) for k in g}
-    force = {k: consolidated[k] * rms[k] * (p[k] - anchor[k]) for k in g}
+    force = {k: consolidated[k] * np.sqrt(e_slow) * (p[k] - anchor[k])
+             for k in g}
     out.append((raw, force, consolidations, shifted, bar))
   return out
 
