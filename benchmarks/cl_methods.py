@@ -150,6 +150,11 @@ METHODS = {m.name: m for m in (
                                        optax.adamw(hp["lr"])),
            "strength", {"lr": HALF_DECADES_3,
                         "strength": (0.1, 1.0, 10.0, 100.0)}),
+    Method("sal_budget", "chain(sal.protect(relative_budget=eps), "
+           "adamw(lr)) (a data-free drift budget)",
+           lambda hp, key: optax.chain(
+               sal.protect(relative_budget=hp["eps"]), optax.adamw(hp["lr"])),
+           "eps", {"lr": HALF_DECADES_3, "eps": (0.01, 0.03, 0.1, 0.3)}),
     Method("sal_reference", "chain(sal.protect(estimator='reference', "
            "threshold), adamw(lr))",
            lambda hp, key: optax.chain(

@@ -59,10 +59,44 @@ class BudgetState(NamedTuple):
   drift: jax.Array
 
 
-def check_gains(integral_gain, proportional_gain) -> None:
+def check_config(budget, relative_budget, gains, restore, estimator,
+                 has_force: bool, can_estimate: bool):
+  """Checks ``protect``'s budget arguments.
+
+  Returns:
+    ``(limit, integral_gain, proportional_gain)``: ``limit`` is the budget
+    in force (``None`` for a fixed strength).
+  """
   check = functools.partial(_validation.check_number, _WHERE)
+  check("budget", budget, 0.0, optional=True, low_open=True)
+  check("relative_budget", relative_budget, 0.0, optional=True,
+        low_open=True)
+  integral_gain, proportional_gain = _validation.check_pair(
+      _WHERE, "budget_gains", gains, "(integral, proportional)")
   check("budget_gains[0]", integral_gain, 0.0, low_open=True)
   check("budget_gains[1]", proportional_gain, 0.0)
+  if budget is not None and relative_budget is not None:
+    raise ValueError(
+        f"{_WHERE}: pass budget (a measured drift, passed to update) or "
+        "relative_budget (a drift estimated from the params), not both.")
+  limit = budget if relative_budget is None else relative_budget
+  if limit is not None and not has_force:
+    raise ValueError(
+        f"{_WHERE}: a budget sets the strength of the restoring pull, and "
+        f"{estimator!r} has none; use an estimator with a restoring force "
+        "(the default, 'shift_consolidation').")
+  if relative_budget is not None and not can_estimate:
+    raise ValueError(
+        f"{_WHERE}: relative_budget needs an estimator that estimates the "
+        f"drift from its state ({estimator!r} does not); use the default "
+        "'shift_consolidation', or budget= with a measured drift.")
+  if limit is not None and _validation.is_python_number(restore) and (
+      restore == 0):
+    raise ValueError(
+        f"{_WHERE}: restore=0 turns the pull off, so a budget would act "
+        "on nothing; restore is the strength the budget's multiplier "
+        "starts from (default 1).")
+  return limit, integral_gain, proportional_gain
 
 
 def init() -> BudgetState:

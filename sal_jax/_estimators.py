@@ -45,12 +45,17 @@ class StabilityEstimator(NamedTuple):
 
   ``granularity`` (``"leaf"`` or ``"element"``) says which shape the raw
   scores have; :func:`sal_jax.protect` follows it.
+
+  ``drift_estimate(state, params)``, when given, returns a float32 scalar
+  estimate of how far the params drifted from what the estimator protects,
+  which ``protect(relative_budget=...)`` keeps at its budget.
   """
   init: EstimatorInitFn
   update: EstimatorUpdateFn
   restoring_force: Callable[[Any, chex.ArrayTree], chex.ArrayTree] | None = (
       None)
   granularity: str = "leaf"
+  drift_estimate: Callable[[Any, chex.ArrayTree], jax.Array] | None = None
 
 
 class ReferenceEstimatorState(NamedTuple):

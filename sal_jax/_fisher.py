@@ -250,6 +250,7 @@ def _consolidate_state(state: _protect.ProtectState, params, fisher,
   mean = sum(jnp.sum(f) for f in fishers.values()) / entries
   safe_mean = jnp.where(mean > 0, mean, 1.0)
   new_anchors, new_consolidated = list(anchors), list(consolidated)
+  travelled = jnp.zeros((), jnp.float32)
   for i in live:
     f = jnp.where(mean > 0, fishers[i] / safe_mean, 0.0)
     c = consolidated[i]
@@ -257,10 +258,15 @@ def _consolidate_state(state: _protect.ProtectState, params, fisher,
     unit = f if jnp.shape(c) == f.shape else jnp.mean(f)
     new_consolidated[i] = (decay * c + unit).astype(c.dtype)
     new_anchors[i] = jnp.array(leaves["params"][i], dtype=anchors[i].dtype)
+    # The distance from the previous anchor, the relative drift's scale.
+    step = _tree_utils.to_real(new_anchors[i] - anchors[i])
+    travelled += jnp.sum(new_consolidated[i]
+                         * jnp.square(step.astype(jnp.float32)))
   est = est._replace(
       anchor=treedef.unflatten(new_anchors),
       consolidated=treedef.unflatten(new_consolidated),
-      consolidations=est.consolidations + 1)
+      consolidations=est.consolidations + 1,
+      reference=(decay * est.reference + travelled).astype(jnp.float32))
   return state._replace(estimator_state=est)
 
 
@@ -295,7 +301,11 @@ def consolidate(
   holds the pretrained params while fine-tuning. Every protect state found
   (as :func:`sal_jax.find_protect_states` finds them, through chains, masks,
   ``inject_hyperparams``, ``MultiSteps``) is consolidated, each over the
-  entries it covers; ``consolidations`` counts this one. A shift detected
+  entries it covers; ``consolidations`` counts this one. The scale of
+  ``protect(relative_budget=...)``'s estimate grows by the weighted
+  distance from the previous anchor (the params at ``init``): zero for a
+  state initialised at ``params``, where the relative budget has no scale
+  and does not bind (use ``budget=`` with a measured drift there). A shift detected
   later moves the anchor again, as in online EWC. Usable inside ``jax.jit``.
 
   Args:

@@ -82,6 +82,7 @@ def protect(
     preserve_rms: bool = False,
     restore: chex.Numeric | None = None,
     budget: chex.Numeric | None = None,
+    relative_budget: chex.Numeric | None = None,
     budget_gains: tuple[chex.Numeric, chex.Numeric] = (
         _budget.DEFAULT_INTEGRAL_GAIN, _budget.DEFAULT_PROPORTIONAL_GAIN),
 ) -> optax.GradientTransformationExtraArgs:
@@ -122,7 +123,11 @@ def protect(
     \quad m = \exp(\operatorname{clip}(\ell + k_p e, 0, \log 10^6)),
 
   scale-free: the gains mean the same whatever the budget, the loss or the
-  pull's units (see :mod:`sal_jax._budget`).
+  pull's units (see :mod:`sal_jax._budget`). Without data, a
+  ``relative_budget`` runs the same controller on the estimator's own
+  estimate (see :func:`sal_jax.shift_consolidation_estimator`): the
+  importance-weighted squared distance from the anchor over the one the
+  params travelled to reach it, a fraction, not nats.
 
   Defaults: the shift-consolidation estimator per element, no gate, and a
   restoring pull of strength 1 (a task-free online EWC, see
@@ -184,6 +189,12 @@ def protect(
       (the default): the fixed strength ``restore``. With a budget every
       ``update`` needs ``drift=``; a non-finite drift leaves the
       controller as it was.
+    relative_budget: the data-free alternative to ``budget``: the largest
+      estimated drift, :math:`\sum_i \Omega^*_i (\theta_i - \theta^*_i)^2`
+      over the same sum for the distance travelled before the
+      consolidations (under a quadratic loss with curvature
+      :math:`\propto \Omega^*`, the share of the earlier loss decrease
+      given back). A relative knob, not calibrated in nats.
     budget_gains: :math:`(k_i, k_p)`, the controller's integral and
       proportional gains, per step, on the log of the multiplier.
 
@@ -220,10 +231,6 @@ def protect(
   check("initial_score", initial_score, 0.0, 1.0)
   check("steepness", steepness)
   check("restore", restore, 0.0, optional=True)
-  check("budget", budget, 0.0, optional=True, low_open=True)
-  integral_gain, proportional_gain = _validation.check_pair(
-      _WHERE, "budget_gains", budget_gains, "(integral, proportional)")
-  _budget.check_gains(integral_gain, proportional_gain)
   _validation.check_choice(_WHERE, "gate", gate, str, optional=True)
   _validation.check_choice(_WHERE, "preserve_rms", preserve_rms,
                            (bool, np.bool_))
@@ -240,19 +247,12 @@ def protect(
     raise ValueError(
         f"{_WHERE}: restore needs an estimator with a restoring force; "
         f"{estimator!r} has none.")
-  if budget is not None and not has_force:
-    raise ValueError(
-        f"{_WHERE}: a budget sets the strength of the restoring pull, and "
-        f"{estimator!r} has none; use an estimator with a restoring force "
-        "(the default, 'shift_consolidation').")
+  limit, integral_gain, proportional_gain = _budget.check_config(
+      budget, relative_budget, budget_gains, restore, estimator, has_force,
+      stability.drift_estimate is not None)
   if restore is None and has_force:
     restore = DEFAULT_RESTORE
   if numbers(restore) and restore == 0:
-    if budget is not None:
-      raise ValueError(
-          f"{_WHERE}: restore=0 turns the pull off, so a budget would act "
-          "on nothing; restore is the strength the budget's multiplier "
-          "starts from (default 1).")
     restore = None  # no pull: skip computing the force
   dtype = jnp.dtype(jnp.float32 if state_dtype is None else state_dtype)
   if not jnp.issubdtype(dtype, jnp.floating):
@@ -273,7 +273,7 @@ def protect(
         protection_rates=jax.tree.map(lambda _: jnp.zeros((), dtype), params),
         mean_protection_rate=jnp.zeros((), jnp.float32),
         estimator_state=stability.init(params),
-        budget_state=(optax.EmptyState() if budget is None
+        budget_state=(optax.EmptyState() if limit is None
                       else _budget.init()),
     )
 
@@ -348,8 +348,11 @@ def protect(
              if restore is not None else None)
     budget_state = state.budget_state
     strength = restore
-    if budget is not None:
-      budget_state = _budget.step(budget_state, drift, budget, integral_gain,
+    if relative_budget is not None:
+      # Replicated state and params: every device estimates the same.
+      drift = stability.drift_estimate(estimator_state, params)
+    if limit is not None:
+      budget_state = _budget.step(budget_state, drift, limit, integral_gain,
                                   proportional_gain, finite)
       strength = restore * budget_state.multiplier
 

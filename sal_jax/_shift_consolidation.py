@@ -59,6 +59,9 @@ class ShiftConsolidationState(NamedTuple):
       ``importance``.
     anchor: the params at the last consolidation, in the params' dtype
       promoted to at least float32.
+    reference: :math:`R`, the importance-weighted squared distance the
+      params travelled between consolidations (decayed like the
+      consolidated importance), float32; the scale of the estimated drift.
   """
   count: jax.Array
   fast_energy: jax.Array
@@ -69,6 +72,7 @@ class ShiftConsolidationState(NamedTuple):
   importance: chex.ArrayTree
   consolidated: chex.ArrayTree
   anchor: chex.ArrayTree
+  reference: jax.Array
 
 
 _WHERE = "sal_jax.shift_consolidation_estimator"
@@ -125,6 +129,21 @@ def shift_consolidation_estimator(
   gradient :math:`\lambda F (\theta - \theta^*)` with the task boundaries
   detected, in gradient units (:math:`\sqrt{\hat e_s}`).
 
+  The data-free drift estimate (``protect(relative_budget=...)``) measures
+  the distance from the anchor against the distance that built it: with
+  :math:`\theta^*_{\text{old}}` the previous anchor (the params at
+  ``init`` before the first),
+
+  .. math::
+    R \leftarrow \kappa R + \sum_i \Omega^*_i
+      (\theta_i - \theta^*_{\text{old}, i})^2 \text{ at each
+      consolidation}, \qquad
+    \hat D = \frac{\sum_i \Omega^*_i (\theta_i - \theta^*_i)^2}{R}
+
+  (0 while :math:`R = 0`). Were the earlier loss quadratic with curvature
+  :math:`\propto \Omega^*`, :math:`\hat D` would be the share of its
+  decrease since the previous anchor that has been given back.
+
   Memory: the anchor (a float32 copy of the params) plus the importance and
   the consolidated importance (two float32 copies at element granularity,
   two scalars per leaf at leaf granularity).
@@ -154,7 +173,8 @@ def shift_consolidation_estimator(
       digits (small data, 60 steps per task), so validation kept 0.
 
   Returns:
-    A :class:`~sal_jax.StabilityEstimator` with a ``restoring_force``.
+    A :class:`~sal_jax.StabilityEstimator` with a ``restoring_force`` and
+    a ``drift_estimate``.
 
   Raises:
     TypeError: for an argument of the wrong type.
@@ -220,7 +240,14 @@ def shift_consolidation_estimator(
         # A copy, so that donating the params cannot alias the state.
         anchor=jax.tree.map(
             lambda p: jnp.array(p, _tree_utils.state_dtype(p)), params),
+        reference=jnp.zeros((), jnp.float32),
     )
+
+  def weighted_distance(weights, params, anchor):
+    return sum(jax.tree.leaves(jax.tree.map(
+        lambda w, p, a: jnp.sum(w * jnp.square(_tree_utils.to_real(
+            p.astype(a.dtype) - a).astype(jnp.float32))),
+        weights, params, anchor)), jnp.zeros((), jnp.float32))
 
   def slow_hat(slow_energy, count):
     return slow_energy / (
@@ -268,27 +295,30 @@ def shift_consolidation_estimator(
           + q / max(g.size, 1) * increment_scale,
           importance, square_sums, updates)
 
-    def consolidate(consolidated, anchor, importance):
+    def consolidate(consolidated, anchor, importance, reference):
       consolidated = jax.tree.map(
           lambda c, o: consolidation_decay * c + o / correction,
           consolidated, importance)
+      travelled = weighted_distance(consolidated, params, anchor)
       anchor = jax.tree.map(lambda a, p: p.astype(a.dtype), anchor, params)
-      return consolidated, anchor, accumulate(importance)
+      reference = consolidation_decay * reference + travelled
+      return consolidated, anchor, accumulate(importance), reference
 
-    def keep(consolidated, anchor, importance):
-      return consolidated, anchor, accumulate(importance)
+    def keep(consolidated, anchor, importance, reference):
+      return consolidated, anchor, accumulate(importance), reference
 
     # Shifts are rare: a conditional spares the other steps a pass over the
     # anchor, the params and the consolidated importance. Every read of the
     # old importance sits inside it, so that XLA can update it in place.
-    consolidated, anchor, importance = jax.lax.cond(
+    consolidated, anchor, importance, reference = jax.lax.cond(
         onset, consolidate, keep, state.consolidated, state.anchor,
-        state.importance)
+        state.importance, state.reference)
     new_state = ShiftConsolidationState(
         count=count, fast_energy=fast, slow_energy=slow,
         log_energy=log_energy, shifted=shifted,
         consolidations=state.consolidations + onset.astype(jnp.int32),
-        importance=importance, consolidated=consolidated, anchor=anchor)
+        importance=importance, consolidated=consolidated, anchor=anchor,
+        reference=reference.astype(jnp.float32))
 
     raw = _estimators.relative_scores(consolidated, relative_importance)
     return raw, new_state
@@ -298,5 +328,11 @@ def shift_consolidation_estimator(
     return _estimators.anchor_pull(state.consolidated, scale, params,
                                    state.anchor)
 
+  def drift_estimate(state, params):
+    distance = weighted_distance(state.consolidated, params, state.anchor)
+    return jnp.where(state.reference > 0,
+                     distance / jnp.where(state.reference > 0,
+                                          state.reference, 1.0), 0.0)
+
   return _estimators.StabilityEstimator(init_fn, update_fn, restoring_force,
-                                       granularity)
+                                       granularity, drift_estimate)

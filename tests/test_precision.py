@@ -232,7 +232,7 @@ def _expected_estimator_dtypes(state, params, granularity):
       slow_energy=((), f32), log_energy=((2,), f32),
       shifted=((), jnp.dtype(jnp.bool_)),
       consolidations=((), jnp.dtype(jnp.int32)), importance=importance,
-      consolidated=importance, anchor=anchor)
+      consolidated=importance, anchor=anchor, reference=((), f32))
 
 
 def _shape_dtype(tree):
