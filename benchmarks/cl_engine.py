@@ -170,7 +170,9 @@ def _train_program(method: cl_methods.Method) -> Callable:
       stats = {"online_acc": jnp.mean(jnp.argmax(logp, -1) == y),
                "update_norm": optax.global_norm(updates)}
       if with_sal:
-        stats["protection_rate"] = sal.metrics(opt_state)["protection_rate"]
+        # Only a gate shrinks the gradient; the pull alone rates 0.
+        stats["protection_rate"] = sal.metrics(opt_state).get(
+            "protection_rate", jnp.zeros((), jnp.float32))
       return (params, opt_state, buffer, seen, step_key), stats
 
     def chunk(carry, rows):

@@ -195,14 +195,17 @@ def make_models(quick):
 def make_methods(quick=False):
   """[(name, description, granularity or None, tx)], AdamW first.
 
-  Every estimator x granularity x preserve_rms; with ``quick`` every
-  estimator with (leaf, plain) and (element, preserve_rms) only.
+  Every estimator x granularity, x preserve_rms for a gating estimator
+  (one with a pull is ungated, where preserve_rms has nothing to act on);
+  with ``quick`` a gating estimator with (leaf, plain) and (element,
+  preserve_rms) only.
   """
   methods = [("adamw", "optax.adamw", None, optax.adamw(LEARNING_RATE))]
   for estimator in sorted(sal.ESTIMATORS):
+    gated = sal.get_estimator(estimator).restoring_force is None
     for granularity in _estimators.GRANULARITIES:
-      for preserve_rms in (False, True):
-        if quick and preserve_rms != (granularity == "element"):
+      for preserve_rms in (False, True) if gated else (False,):
+        if quick and gated and preserve_rms != (granularity == "element"):
           continue
         try:
           protect = sal.protect(estimator=estimator, granularity=granularity,

@@ -186,17 +186,17 @@ def demo_sharding(batches, granularity):
   sal_state = sal.find_protect_states(opt_state)[0]
   est = sal_state.estimator_state
   print(f"     {'param':<6}{'param sharding':<22}{'anchor':<22}"
-        f"{'importance':<22}{'score':<22}")
+        f"{'importance':<22}{'consolidated':<22}")
   for k in specs:
     print(f"     {k:<6}{describe(params[k].sharding):<22}"
           f"{describe(est.anchor[k].sharding):<22}"
           f"{describe(est.importance[k].sharding):<22}"
-          f"{describe(sal_state.scores[k].sharding):<22}")
+          f"{describe(est.consolidated[k].sharding):<22}")
   # Every state leaf shaped like its param (anchor; per element also the
-  # importances and the scores) must be sharded like it.
+  # importances) must be sharded like it.
   per_element = [
       (leaf, params[k]) for tree in (est.anchor, est.importance,
-                                     est.consolidated, sal_state.scores)
+                                     est.consolidated)
       for k, leaf in tree.items() if leaf.shape == params[k].shape]
   like = all(leaf.sharding.is_equivalent_to(p.sharding, p.ndim)
              for leaf, p in per_element)

@@ -119,7 +119,7 @@ def run(name, tx, tasks, epochs, batch_size, seed, progress):
         train_step(model, optimizer, task["x_train"][idx],
                    task["y_train"][idx], task["mask"])
         step += 1
-        if name != "adamw":
+        if name == "sal reference + adamw":  # the gated run
           rates.append(float(protection_rate(optimizer)))
         progress.update(1)
       curve_steps.append(step)

@@ -184,3 +184,13 @@ def anchor_pull(weights: chex.ArrayTree, scale: jax.Array,
   return jax.tree.map(
       lambda w, p, a: w * scale * (p.astype(a.dtype) - a),
       weights, params, anchor)
+
+
+def check_score_shapes(raw, scores, granularity) -> None:
+  """Raises ``ValueError`` if raw scores do not have the scores' shapes."""
+  for r, s in zip(jax.tree.leaves(raw), jax.tree.leaves(scores)):
+    if jnp.shape(r) != jnp.shape(s):
+      raise ValueError(
+          f"sal_jax.protect: the estimator returned scores of shape "
+          f"{jnp.shape(r)} where granularity {granularity!r} needs "
+          f"{jnp.shape(s)}; set the estimator's granularity to match.")

@@ -24,6 +24,7 @@ from typing import Callable
 import chex
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from sal_jax import _tree_utils
 from sal_jax import _validation
@@ -245,6 +246,69 @@ def protection_rate(gate_fn, granularity, g, s, norm_in, threshold,
   return jnp.where(norm_in > NORM_EPS, 1.0 - norm_out / safe, 0.0)
 
 
+# What protect's gate-only arguments default to; with no gate (gate="none")
+# anything else is an error: it would act on nothing.
+GATE_ONLY_DEFAULTS = {
+    "threshold": 0.5, "threshold_adaptation": 0.1, "score_ema": 0.3,
+    "initial_score": 0.5, "threshold_range": (0.1, 0.9),
+    "steepness": DEFAULT_STEEPNESS, "preserve_rms": False,
+    "state_dtype": None,
+}
+
+
+def _is_default(value, default) -> bool:
+  if value is default:
+    return True
+  if default is None or isinstance(default, bool):
+    return isinstance(value, (bool, np.bool_)) and bool(value) is default
+  if isinstance(value, (jax.Array, np.ndarray)):
+    # optax.inject_hyperparams passes every numeric default as an array:
+    # only Python values are checked, as for the ranges.
+    return True
+  try:
+    return bool(value == default)
+  except (TypeError, ValueError):
+    return False
+
+
+def check_gate_only_args(where: str, gate: str, args: dict) -> None:
+  """Raises ``ValueError`` for a gate-only argument set without a gate."""
+  # A wrong type is a TypeError, with a gate or without.
+  _validation.check_pair(where, "threshold_range", args["threshold_range"],
+                         "(low, high)")
+  for name, value in args.items():
+    if not _is_default(value, GATE_ONLY_DEFAULTS[name]):
+      raise ValueError(
+          f"{where}: {name}={value!r} only acts through a gate, and this "
+          f"protect has none (gate={gate!r}: protection by the restoring "
+          "pull alone, the default with a pulling estimator); pass a gate "
+          "(gate='soft', 'hard', 'linear' or 'sigmoid') or drop "
+          f"{name}.")
+
+
+def update_rates(gate_fn, granularity, updates, scores, norms, threshold,
+                 steepness, finite, rates, mean_rate, count):
+  """The per-leaf protection rates and their running mean over steps.
+
+  The rate measures the gated mean signal ``f g`` (what the optimizer's
+  step shrinks by), not the dither or a restoring pull. A non-finite step
+  keeps both.
+  """
+  rates = jax.tree.map(
+      lambda g, s, n, old: jnp.where(finite, protection_rate(
+          gate_fn, granularity, g, s, n, threshold, steepness),
+                                     old).astype(old.dtype),
+      updates, scores, norms, rates)
+  rate_leaves = jax.tree.leaves(rates)
+  step_rate = (sum(r.astype(jnp.float32) for r in rate_leaves)
+               / len(rate_leaves) if rate_leaves
+               else jnp.zeros((), jnp.float32))
+  mean_rate = jnp.where(
+      finite, mean_rate + (step_rate - mean_rate)
+      / jnp.maximum(count, 1).astype(jnp.float32), mean_rate)
+  return rates, mean_rate.astype(jnp.float32)
+
+
 def check_threshold_range(where: str, threshold, threshold_range) -> tuple:
   """Validates ``threshold_range`` (and ``threshold`` inside it).
 
@@ -267,5 +331,5 @@ def check_threshold_range(where: str, threshold, threshold_range) -> tuple:
     raise ValueError(
         f"{where}: threshold {threshold!r} lies outside threshold_range "
         f"{threshold_range!r}, into which the adapted threshold is clipped; "
-        "widen threshold_range, or pass gate='none' to gate nothing.")
+        "widen threshold_range.")
   return low, high

@@ -7,6 +7,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import optax
 
 from sal_jax import _budget
 from sal_jax import _protect
@@ -54,6 +55,30 @@ def find_protect_states(opt_state: Any) -> list[_protect.ProtectState]:
   return found
 
 
+def _gate_metrics(state) -> dict[str, jax.Array]:
+  scores = [s.astype(jnp.float32).ravel()
+            for s in jax.tree.leaves(state.scores)]
+  rates = [r.astype(jnp.float32) for r in
+           jax.tree.leaves(state.protection_rates)]
+  if scores:
+    flat = jnp.concatenate(scores)
+    protected = jnp.mean(flat > PROTECTED_ABOVE)
+    volatile = jnp.mean(flat < VOLATILE_BELOW)
+    mean_score = jnp.mean(flat)
+    rate = jnp.mean(jnp.stack(rates))
+  else:
+    protected = volatile = mean_score = rate = jnp.zeros((), jnp.float32)
+  return {
+      "threshold": state.threshold,
+      "protection_rate": rate.astype(jnp.float32),
+      "mean_protection_rate": state.mean_protection_rate,
+      "protected_fraction": protected.astype(jnp.float32),
+      "neutral_fraction": (1.0 - protected - volatile).astype(jnp.float32),
+      "volatile_fraction": volatile.astype(jnp.float32),
+      "mean_score": mean_score.astype(jnp.float32),
+  }
+
+
 def metrics(opt_state: Any) -> dict[str, jax.Array]:
   r"""SAL metrics of an optimizer state, as a dict of jnp scalars.
 
@@ -61,9 +86,11 @@ def metrics(opt_state: Any) -> dict[str, jax.Array]:
   stability scores of all units (leaves, or elements at element
   granularity):
 
-  * ``threshold``: the adapted threshold of the last step;
   * ``step``: the number of steps taken;
-  * ``protection_rate``: mean over leaves of ``1 - ||g_out|| / ||g||`` at the
+  * only with a gate (not ``gate="none"``, the default with a pulling
+    estimator, which keeps no scores):
+    ``threshold``: the adapted threshold of the last step;
+    ``protection_rate``: mean over leaves of ``1 - ||g_out|| / ||g||`` at the
     last step; ``mean_protection_rate``: its running mean over steps;
   * ``protected_fraction`` :math:`= \operatorname{mean}(s > 0.7)`,
     ``volatile_fraction`` :math:`= \operatorname{mean}(s < 0.3)`,
@@ -73,8 +100,9 @@ def metrics(opt_state: Any) -> dict[str, jax.Array]:
     (``"shift_consolidation"``): the shifts (and :func:`consolidate` calls)
     so far;
   * ``estimated_forgetting`` and ``multiplier``, only with
-    ``protect(budget=...)``: the last drift passed to ``update`` and the
-    multiplier the controller applied to the pull at that step.
+    ``protect(budget=...)`` (the last drift passed to ``update``) or
+    ``protect(relative_budget=...)`` (the estimator's estimate at the last
+    step), and the multiplier the controller applied to the pull then.
 
   Args:
     opt_state: an optimizer state holding exactly one
@@ -112,28 +140,9 @@ def metrics(opt_state: Any) -> dict[str, jax.Array]:
         "of the optimizer state that holds the one you want (see "
         "sal_jax.find_protect_states).")
   state = found[0]
-  scores = [s.astype(jnp.float32).ravel()
-            for s in jax.tree.leaves(state.scores)]
-  rates = [r.astype(jnp.float32) for r in
-           jax.tree.leaves(state.protection_rates)]
-  if scores:
-    flat = jnp.concatenate(scores)
-    protected = jnp.mean(flat > PROTECTED_ABOVE)
-    volatile = jnp.mean(flat < VOLATILE_BELOW)
-    mean_score = jnp.mean(flat)
-    rate = jnp.mean(jnp.stack(rates))
-  else:
-    protected = volatile = mean_score = rate = jnp.zeros((), jnp.float32)
-  out = {
-      "step": state.count,
-      "threshold": state.threshold,
-      "protection_rate": rate.astype(jnp.float32),
-      "mean_protection_rate": state.mean_protection_rate,
-      "protected_fraction": protected.astype(jnp.float32),
-      "neutral_fraction": (1.0 - protected - volatile).astype(jnp.float32),
-      "volatile_fraction": volatile.astype(jnp.float32),
-      "mean_score": mean_score.astype(jnp.float32),
-  }
+  out = {"step": state.count}
+  if not isinstance(state.scores, optax.EmptyState):
+    out.update(_gate_metrics(state))
   consolidations = getattr(state.estimator_state, "consolidations", None)
   if consolidations is not None:
     out["consolidations"] = consolidations

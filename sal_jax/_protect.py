@@ -32,7 +32,10 @@ class ProtectState(NamedTuple):
   ``jax_enable_x64``: scores and rates are fractions in ``[0, 1]`` kept in
   ``state_dtype`` (float32 unless set, e.g. bfloat16 to halve their memory),
   the scalars are float32 or int32. The estimator's state documents its own
-  policy (its anchors follow the params).
+  policy (its anchors follow the params). Without a gate (``gate="none"``)
+  ``threshold``, ``scores``, ``protection_rates`` and
+  ``mean_protection_rate`` are ``optax.EmptyState()``: nothing is kept
+  that nothing uses.
 
   Attributes:
     count: number of (finite) steps taken, int32.
@@ -45,8 +48,9 @@ class ProtectState(NamedTuple):
     mean_protection_rate: running mean over steps of the per-step mean (over
       leaves) protection rate, float32.
     estimator_state: the state of the stability estimator.
-    budget_state: with ``protect(budget=...)``, the controller's
-      :class:`~sal_jax.BudgetState`; ``optax.EmptyState()`` otherwise.
+    budget_state: with ``protect(budget=...)`` or ``relative_budget``, the
+      controller's :class:`~sal_jax.BudgetState`; ``optax.EmptyState()``
+      otherwise.
   """
   count: jax.Array
   threshold: jax.Array
@@ -55,15 +59,6 @@ class ProtectState(NamedTuple):
   mean_protection_rate: jax.Array
   estimator_state: Any
   budget_state: Any
-
-
-def _check_score_shapes(raw, scores, granularity) -> None:
-  for r, s in zip(jax.tree.leaves(raw), jax.tree.leaves(scores)):
-    if jnp.shape(r) != jnp.shape(s):
-      raise ValueError(
-          f"sal_jax.protect: the estimator returned scores of shape "
-          f"{jnp.shape(r)} where granularity {granularity!r} needs "
-          f"{jnp.shape(s)}; set the estimator's granularity to match.")
 
 
 def protect(
@@ -129,23 +124,22 @@ def protect(
   importance-weighted squared distance from the anchor over the one the
   params travelled to reach it, a fraction, not nats.
 
-  Defaults: the shift-consolidation estimator per element, no gate, and a
-  restoring pull of strength 1 (a task-free online EWC, see
-  :func:`sal_jax.shift_consolidation_estimator`): the configuration that
-  beat the streaming EWC / SI / MAS / UPGD baselines on every protocol of
-  ``benchmarks/continual.py``. With ``estimator="reference"`` (soft gate,
-  leaf granularity, no pull) this reproduces the original library's
-  ``CommunicationLayer`` step for step.
+  Defaults: the shift-consolidation estimator per element and a restoring
+  pull of strength 1 (a task-free online EWC, see
+  :func:`sal_jax.shift_consolidation_estimator`), with no gate: the state
+  then holds only the step count, the estimator's state and the budget's
+  controller (no scores, threshold or rates), and the gate's arguments are
+  rejected. With ``estimator="reference"`` (soft gate, leaf granularity, no
+  pull) this reproduces the original library's ``CommunicationLayer`` step
+  for step.
 
   A step whose updates or params contain NaN or Inf leaves the state
   unchanged (the step count included) and passes the updates through
   untouched, so that ``optax.apply_if_finite`` (or your own check) can
   reject it.
 
-  Float64 (under x64) and complex params are supported: updates keep their
-  dtype and precision, magnitudes of complex entries are their moduli, and
-  the state's dtypes are documented in :class:`ProtectState` and the
-  estimators' states.
+  Float64 (under x64) and complex params are supported (see the states'
+  dtype policies); magnitudes of complex entries are their moduli.
 
   Args:
     threshold: base threshold :math:`\tau_0`, in ``[0, 1]``.
@@ -207,8 +201,11 @@ def protect(
       list where a number is expected). Scalar arrays are accepted wherever
       a number is, as ``optax.inject_hyperparams`` passes them; only Python
       numbers are range-checked (see :mod:`sal_jax._validation`).
-    ValueError: for bad hyperparameters; at ``update`` time if ``params`` is
-      missing or its tree differs from the updates.
+    ValueError: for bad hyperparameters, or a gate-only one (``threshold``,
+      ``threshold_adaptation``, ``score_ema``, ``initial_score``,
+      ``threshold_range``, ``steepness``, ``preserve_rms``, ``state_dtype``)
+      set without a gate; at ``update`` time if ``params`` is missing or
+      its tree differs from the updates.
 
   Examples:
     >>> import jax, jax.numpy as jnp, optax
@@ -234,8 +231,6 @@ def protect(
   _validation.check_choice(_WHERE, "gate", gate, str, optional=True)
   _validation.check_choice(_WHERE, "preserve_rms", preserve_rms,
                            (bool, np.bool_))
-  low, high = _gates.check_threshold_range(_WHERE, threshold,
-                                           threshold_range)
   numbers = _validation.is_python_number
   stability = _estimator_registry.get_estimator(estimator, granularity)
   granularity = stability.granularity
@@ -243,6 +238,16 @@ def protect(
   if gate is None:
     gate = "none" if has_force else "soft"
   gate_fn = _gates.get_gate(gate)
+  gated = gate != "none"
+  if gated:
+    low, high = _gates.check_threshold_range(_WHERE, threshold,
+                                             threshold_range)
+  else:
+    _gates.check_gate_only_args(_WHERE, gate, dict(
+        threshold=threshold, threshold_adaptation=threshold_adaptation,
+        score_ema=score_ema, initial_score=initial_score,
+        threshold_range=threshold_range, steepness=steepness,
+        preserve_rms=preserve_rms, state_dtype=state_dtype))
   if restore is not None and not has_force:
     raise ValueError(
         f"{_WHERE}: restore needs an estimator with a restoring force; "
@@ -266,16 +271,15 @@ def protect(
       # full_like keeps the param's sharding for per-element state.
       return jnp.full_like(p, initial_score, dtype=dtype)
 
+    empty = optax.EmptyState()
+    gate_state = (jnp.asarray(threshold, jnp.float32),
+                  jax.tree.map(init_score, params),
+                  jax.tree.map(lambda _: jnp.zeros((), dtype), params),
+                  jnp.zeros((), jnp.float32)) if gated else (empty,) * 4
     return ProtectState(
-        count=jnp.zeros((), jnp.int32),
-        threshold=jnp.asarray(threshold, jnp.float32),
-        scores=jax.tree.map(init_score, params),
-        protection_rates=jax.tree.map(lambda _: jnp.zeros((), dtype), params),
-        mean_protection_rate=jnp.zeros((), jnp.float32),
+        jnp.zeros((), jnp.int32), *gate_state,
         estimator_state=stability.init(params),
-        budget_state=(optax.EmptyState() if limit is None
-                      else _budget.init()),
-    )
+        budget_state=empty if limit is None else _budget.init())
 
   def update_fn(updates, state, params=None, drift=None, **extra_args):
     del extra_args
@@ -284,13 +288,13 @@ def protect(
     if budget is not None:
       drift = _budget.as_drift(drift)
     _tree_utils.check_same_structure(updates, params)
-    if jax.tree.structure(state.protection_rates) != jax.tree.structure(
-        params):
+    seen = state.protection_rates if gated else getattr(
+        state.estimator_state, "anchor", params)
+    if jax.tree.structure(seen) != jax.tree.structure(params):
       raise ValueError(
           "sal_jax.protect: the optimizer state was initialised for a "
           "different params tree than the one passed to update "
-          f"({jax.tree.structure(state.protection_rates)} vs "
-          f"{jax.tree.structure(params)}).")
+          f"({jax.tree.structure(seen)} vs {jax.tree.structure(params)}).")
 
     if axis_name is not None:
       # Per-device updates: work on their cross-device mean, so that every
@@ -299,37 +303,41 @@ def protect(
       if budget is not None:
         drift = jax.lax.pmean(drift, axis_name)
 
-    # Threshold adaptation from the spread of update magnitudes.
-    norms = _tree_utils.leaf_norms(updates)
-    norm_leaves = jax.tree.leaves(norms)
-    m_sq_sum = sum(jnp.square(m) for m in norm_leaves)
-    if granularity == "leaf":
-      m_sum = sum(norm_leaves)
-      m_count = len(norm_leaves)
+    # Non-finite params (a step that already went wrong) would poison the
+    # estimator's copies and averages of them. Either way the state must not
+    # change, and the updates pass through untouched for apply_if_finite
+    # (or the user) to reject.
+    finite = _tree_utils.all_finite(params)
+    if gated:
+      # Threshold adaptation from the spread of update magnitudes; NaN or
+      # Inf anywhere in the updates reaches these sums, which spares
+      # another pass over the updates.
+      norms = _tree_utils.leaf_norms(updates)
+      norm_leaves = jax.tree.leaves(norms)
+      m_sq_sum = sum(jnp.square(m) for m in norm_leaves)
+      if granularity == "leaf":
+        m_sum, m_count = sum(norm_leaves), len(norm_leaves)
+      else:
+        leaves = jax.tree.leaves(updates)
+        m_sum = sum(jnp.sum(jnp.abs(_tree_utils.to_real(g))) for g in leaves)
+        m_count = sum(g.size for g in leaves)
+      finite &= (jnp.isfinite(jnp.asarray(m_sum))
+                 & jnp.isfinite(jnp.asarray(m_sq_sum)))
+      new_threshold = jnp.where(finite, _gates.adapt_threshold(
+          m_sum, m_sq_sum, max(m_count, 1), threshold, threshold_adaptation,
+          low, high, state.threshold), state.threshold)
     else:
-      leaves = jax.tree.leaves(updates)
-      m_sum = sum(jnp.sum(jnp.abs(_tree_utils.to_real(g))) for g in leaves)
-      m_count = sum(g.size for g in leaves)
-    # NaN or Inf anywhere in the updates reaches these sums; testing them
-    # avoids another pass over the updates. Non-finite params (a step that
-    # already went wrong) would poison the estimator's copies and averages
-    # of them. Either way the state must not change, and the updates pass
-    # through untouched for apply_if_finite (or the user) to reject.
-    finite = (jnp.isfinite(jnp.asarray(m_sum))
-              & jnp.isfinite(jnp.asarray(m_sq_sum))
-              & _tree_utils.all_finite(params))
-    new_threshold = jnp.where(finite, _gates.adapt_threshold(
-        m_sum, m_sq_sum, max(m_count, 1), threshold, threshold_adaptation,
-        low, high, state.threshold), state.threshold)
+      finite &= _tree_utils.all_finite(updates)
 
     def advance(scores, estimator_state):
       raw, estimator_state = stability.update(
           updates, estimator_state, params)
-      _check_score_shapes(raw, scores, granularity)
-      scores = jax.tree.map(
-          lambda r, s: (score_ema * r + (1.0 - score_ema)
-                        * s.astype(jnp.float32)).astype(dtype),
-          raw, scores)
+      if gated:
+        _estimators.check_score_shapes(raw, scores, granularity)
+        scores = jax.tree.map(
+            lambda r, s: (score_ema * r + (1.0 - score_ema)
+                          * s.astype(jnp.float32)).astype(dtype),
+            raw, scores)
       return scores, estimator_state
 
     # A conditional rather than a select between new and old state: the
@@ -340,10 +348,6 @@ def protect(
         finite, advance, lambda *old: old, state.scores,
         state.estimator_state)
 
-    # On a non-finite step the gated update is discarded below.
-    factors = jax.tree.map(
-        lambda s: gate_fn(s.astype(jnp.float32), new_threshold, steepness),
-        scores)
     force = (stability.restoring_force(estimator_state, params)
              if restore is not None else None)
     budget_state = state.budget_state
@@ -356,44 +360,39 @@ def protect(
                                   proportional_gain, finite)
       strength = restore * budget_state.multiplier
 
+    def pull_leaf(g, r):
+      return jnp.where(finite, (g + strength * r).astype(g.dtype), g)
+
+    count = state.count + finite.astype(jnp.int32)
+    if not gated:
+      updates_out = (updates if force is None
+                     else jax.tree.map(pull_leaf, updates, force))
+      return updates_out, state._replace(
+          count=count, estimator_state=estimator_state,
+          budget_state=budget_state)
+
+    # On a non-finite step the gated update is discarded.
+    factors = jax.tree.map(
+        lambda s: gate_fn(s.astype(jnp.float32), new_threshold, steepness),
+        scores)
+
     def gate_leaf(g, f, r=None):
       h = _gates.apply_factor(g, f, state.count, preserve_rms)
-      if r is not None:
-        h = (h + strength * r).astype(h.dtype)
-      return jnp.where(finite, h, g)
+      return jnp.where(finite, h, g) if r is None else pull_leaf(h, r)
 
     if force is None:
       updates_out = jax.tree.map(gate_leaf, updates, factors)
     else:
       updates_out = jax.tree.map(gate_leaf, updates, factors, force)
 
-    # The rate measures the gated mean signal f*g (what the optimizer's step
-    # shrinks by), not the dither or the restoring pull.
-    rates = jax.tree.map(
-        lambda g, s, n, old: jnp.where(finite, _gates.protection_rate(
-            gate_fn, granularity, g, s, n, new_threshold, steepness),
-                                       old).astype(dtype),
-        updates, scores, norms, state.protection_rates)
-    rate_leaves = jax.tree.leaves(rates)
-    step_rate = (sum(r.astype(jnp.float32) for r in rate_leaves)
-                 / len(rate_leaves) if rate_leaves
-                 else jnp.zeros((), jnp.float32))
-    count = state.count + finite.astype(jnp.int32)
-    mean_rate = jnp.where(
-        finite, state.mean_protection_rate + (
-            step_rate - state.mean_protection_rate)
-        / jnp.maximum(count, 1).astype(jnp.float32),
-        state.mean_protection_rate)
-
-    new_state = ProtectState(
-        count=count,
-        threshold=new_threshold.astype(jnp.float32),
-        scores=scores,
-        protection_rates=rates,
+    rates, mean_rate = _gates.update_rates(
+        gate_fn, granularity, updates, scores, norms, new_threshold,
+        steepness, finite, state.protection_rates,
+        state.mean_protection_rate, count)
+    return updates_out, ProtectState(
+        count=count, threshold=new_threshold.astype(jnp.float32),
+        scores=scores, protection_rates=rates,
         mean_protection_rate=mean_rate.astype(jnp.float32),
-        estimator_state=estimator_state,
-        budget_state=budget_state,
-    )
-    return updates_out, new_state
+        estimator_state=estimator_state, budget_state=budget_state)
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)

@@ -95,7 +95,7 @@ def _nnx_setup():
       return self.l2(jnp.tanh(self.l1(x)))
 
   tx = optax.chain(
-      sal.protect(granularity="element", preserve_rms=True,
+      sal.protect(gate="soft", granularity="element", preserve_rms=True,
                   state_dtype=jnp.bfloat16),
       optax.adamw(1e-2))
 
@@ -218,7 +218,8 @@ def test_resume_in_a_fresh_process_is_bit_exact(tmp_path):
     assert not _differences(saved, restored), (
         f"{name}: restored checkpoint differs at "
         f"{_differences(saved, restored)}")
-    assert any("ProtectState" in k or "scores" in k for k in saved), (
+    assert any("ProtectState" in k or "scores" in k
+               or "estimator_state" in k for k in saved), (
         f"{name}: no SAL state in the checkpoint: {list(saved)[:10]}")
     diff = _differences(trained[name], resumed[name])
     assert not diff, f"{name}: resumed run differs from the uninterrupted " \

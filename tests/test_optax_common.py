@@ -128,9 +128,11 @@ FACTORIES = {f"sal_{f.__name__}": f for f in (
 # anchored at the start, so theirs is small).
 _PROTECT = [
     {"opt_name": "sal_protect_adam",
-     "opt_kwargs": {"learning_rate": 1e-2, "threshold": 0.5,
-                    "threshold_adaptation": 0.1, "score_ema": 0.3,
-                    **({} if estimator == "reference" else {"restore": 1.0}),
+     "opt_kwargs": {"learning_rate": 1e-2,
+                    # The gate's (the reference's); the pull's otherwise.
+                    **({"threshold": 0.5, "threshold_adaptation": 0.1,
+                        "score_ema": 0.3} if estimator == "reference"
+                       else {"restore": 1.0}),
                     "estimator": estimator, "granularity": granularity}}
     for estimator in sorted(sal.ESTIMATORS)
     for granularity in ("leaf", "element")

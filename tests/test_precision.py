@@ -56,9 +56,10 @@ def _avals(tree):
 
 def _train(param_dtype, state_dtype, granularity, preserve_rms,
            estimator="reference"):
+  gate_args = {} if estimator != "reference" else dict(
+      preserve_rms=preserve_rms, state_dtype=state_dtype)
   tx = optax.chain(
-      sal.protect(granularity=granularity, preserve_rms=preserve_rms,
-                  state_dtype=state_dtype, estimator=estimator),
+      sal.protect(granularity=granularity, estimator=estimator, **gate_args),
       optax.adamw(1e-2))
   traces = []
 
@@ -167,12 +168,11 @@ def test_trace_counter_sees_a_dtype_change():
 
 
 def test_default_protect_in_bfloat16_keeps_dtypes_and_compiles_once():
-  """The default (shift consolidation, per element, restoring pull) on bf16
-  params with bf16 scores: one compile, fixed dtypes, float32 estimator
-  state, and it trains."""
+  """The default (shift consolidation, per element, restoring pull, no
+  gate) on bf16 params: one compile, fixed dtypes, float32 estimator state,
+  and it trains."""
   params, opt_state, losses, n_traces = _train(
-      jnp.bfloat16, jnp.bfloat16, None, False,
-      estimator="shift_consolidation")
+      jnp.bfloat16, None, None, False, estimator="shift_consolidation")
   assert n_traces == 1, f"the step was traced {n_traces} times"
   assert all(p.dtype == jnp.bfloat16 for p in jax.tree.leaves(params))
   state = sal.find_protect_states(opt_state)[0]
@@ -181,7 +181,7 @@ def test_default_protect_in_bfloat16_keeps_dtypes_and_compiles_once():
   for tree in (est.anchor, est.importance, est.consolidated):
     for x, p in zip(jax.tree.leaves(tree), jax.tree.leaves(params)):
       assert x.dtype == jnp.float32 and x.shape == p.shape
-  assert all(x.dtype == jnp.bfloat16 for x in jax.tree.leaves(state.scores))
+  assert isinstance(state.scores, optax.EmptyState)
   for x in jax.tree.leaves(state):
     assert np.all(np.isfinite(np.asarray(x, np.float32)))
   assert losses[-1] < losses[0], losses
@@ -259,15 +259,17 @@ def test_every_estimator_state_follows_the_dtype_policy(estimator,
   assert not jax.config.jax_enable_x64  # the context did not leak
 
   f32 = jnp.dtype(jnp.float32)
+  gated = estimator == "reference"  # the others pull, ungated
   for s in (state0, state):
+    empty = optax.EmptyState()
+    gate_state = (jnp.zeros((), f32),
+                  {k: jnp.zeros(p.shape if granularity == "element" else (),
+                                f32) for k, p in params.items()},
+                  {k: jnp.zeros((), f32) for k in params},
+                  jnp.zeros((), f32)) if gated else (empty,) * 4
     assert _shape_dtype(s._replace(estimator_state=None)) == _shape_dtype(
-        sal.ProtectState(
-            count=jnp.zeros((), jnp.int32), threshold=jnp.zeros((), f32),
-            scores={k: jnp.zeros(p.shape if granularity == "element" else (),
-                                 f32) for k, p in params.items()},
-            protection_rates={k: jnp.zeros((), f32) for k in params},
-            mean_protection_rate=jnp.zeros((), f32), estimator_state=None,
-            budget_state=optax.EmptyState()))
+        sal.ProtectState(jnp.zeros((), jnp.int32), *gate_state,
+                         estimator_state=None, budget_state=empty))
     expected = _expected_estimator_dtypes(s.estimator_state, params,
                                           granularity)
     assert _shape_dtype(s.estimator_state) == expected

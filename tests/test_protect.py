@@ -274,7 +274,8 @@ def test_jit_compiles_once():
     (jnp.bfloat16, None)])
 def test_state_shapes_and_dtypes_never_change(granularity, param_dtype,
                                               state_dtype):
-  tx = sal.protect(granularity=granularity, state_dtype=state_dtype)
+  tx = sal.protect(gate="soft", granularity=granularity,
+                   state_dtype=state_dtype)
   params = jax.tree.map(lambda p: p.astype(param_dtype), _params())
   state0 = tx.init(params)
   state = state0
@@ -357,7 +358,7 @@ def test_state_for_another_tree_is_rejected():
 ])
 def test_bad_hyperparameters(kwargs, match):
   with pytest.raises(ValueError, match=match):
-    sal.protect(**kwargs)
+    sal.protect(**{"gate": "soft", **kwargs})
 
 
 def test_metrics_errors():
@@ -369,7 +370,8 @@ def test_metrics_errors():
 
 
 def test_metrics_inside_jit_after_training():
-  _, state = _run(optax.chain(sal.protect(), optax.sgd(0.1)), _params())
+  _, state = _run(optax.chain(sal.protect(gate="soft"), optax.sgd(0.1)),
+                  _params())
   m = jax.jit(sal.metrics)(state)
   for key in ("threshold", "protection_rate", "mean_protection_rate",
               "protected_fraction", "neutral_fraction", "volatile_fraction"):
