@@ -186,6 +186,15 @@ def anchor_pull(weights: chex.ArrayTree, scale: jax.Array,
       weights, params, anchor)
 
 
+def weighted_distance(weights: chex.ArrayTree, params: chex.ArrayTree,
+                      anchor: chex.ArrayTree) -> jax.Array:
+  """``sum(w * |theta - anchor|^2)`` over every unit, a float32 scalar."""
+  return sum(jax.tree.leaves(jax.tree.map(
+      lambda w, p, a: jnp.sum(w * jnp.square(_tree_utils.to_real(
+          p.astype(a.dtype) - a))),
+      weights, params, anchor)), jnp.zeros((), jnp.float32))
+
+
 def check_score_shapes(raw, scores, granularity) -> None:
   """Raises ``ValueError`` if raw scores do not have the scores' shapes."""
   for r, s in zip(jax.tree.leaves(raw), jax.tree.leaves(scores)):

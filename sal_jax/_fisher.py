@@ -23,6 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from sal_jax import _estimators
 from sal_jax import _metrics
 from sal_jax import _protect
 from sal_jax import _shift_consolidation
@@ -250,7 +251,6 @@ def _consolidate_state(state: _protect.ProtectState, params, fisher,
   mean = sum(jnp.sum(f) for f in fishers.values()) / entries
   safe_mean = jnp.where(mean > 0, mean, 1.0)
   new_anchors, new_consolidated = list(anchors), list(consolidated)
-  travelled = jnp.zeros((), jnp.float32)
   for i in live:
     f = jnp.where(mean > 0, fishers[i] / safe_mean, 0.0)
     c = consolidated[i]
@@ -258,10 +258,10 @@ def _consolidate_state(state: _protect.ProtectState, params, fisher,
     unit = f if jnp.shape(c) == f.shape else jnp.mean(f)
     new_consolidated[i] = (decay * c + unit).astype(c.dtype)
     new_anchors[i] = jnp.array(leaves["params"][i], dtype=anchors[i].dtype)
-    # The distance from the previous anchor, the relative drift's scale.
-    step = _tree_utils.to_real(new_anchors[i] - anchors[i])
-    travelled += jnp.sum(new_consolidated[i]
-                         * jnp.square(step.astype(jnp.float32)))
+  # The distance from the previous anchor: the relative drift's scale.
+  travelled = _estimators.weighted_distance(
+      [new_consolidated[i] for i in live], [new_anchors[i] for i in live],
+      [anchors[i] for i in live])
   est = est._replace(
       anchor=treedef.unflatten(new_anchors),
       consolidated=treedef.unflatten(new_consolidated),
@@ -305,8 +305,8 @@ def consolidate(
   ``protect(relative_budget=...)``'s estimate grows by the weighted
   distance from the previous anchor (the params at ``init``): zero for a
   state initialised at ``params``, where the relative budget has no scale
-  and does not bind (use ``budget=`` with a measured drift there). A shift detected
-  later moves the anchor again, as in online EWC. Usable inside ``jax.jit``.
+  and does not bind (use ``budget=`` with a measured drift there). A shift
+  detected later moves the anchor again, as in online EWC. Usable inside ``jax.jit``.
 
   Args:
     opt_state: an optimizer state holding a :func:`sal_jax.protect` state

@@ -243,12 +243,6 @@ def shift_consolidation_estimator(
         reference=jnp.zeros((), jnp.float32),
     )
 
-  def weighted_distance(weights, params, anchor):
-    return sum(jax.tree.leaves(jax.tree.map(
-        lambda w, p, a: jnp.sum(w * jnp.square(_tree_utils.to_real(
-            p.astype(a.dtype) - a).astype(jnp.float32))),
-        weights, params, anchor)), jnp.zeros((), jnp.float32))
-
   def slow_hat(slow_energy, count):
     return slow_energy / (
         1.0 - _tree_utils.decay_power(slow_decay, jnp.maximum(count, 1)))
@@ -299,7 +293,7 @@ def shift_consolidation_estimator(
       consolidated = jax.tree.map(
           lambda c, o: consolidation_decay * c + o / correction,
           consolidated, importance)
-      travelled = weighted_distance(consolidated, params, anchor)
+      travelled = _estimators.weighted_distance(consolidated, params, anchor)
       anchor = jax.tree.map(lambda a, p: p.astype(a.dtype), anchor, params)
       reference = consolidation_decay * reference + travelled
       return consolidated, anchor, accumulate(importance), reference
@@ -329,7 +323,8 @@ def shift_consolidation_estimator(
                                    state.anchor)
 
   def drift_estimate(state, params):
-    distance = weighted_distance(state.consolidated, params, state.anchor)
+    distance = _estimators.weighted_distance(state.consolidated, params,
+                                             state.anchor)
     return jnp.where(state.reference > 0,
                      distance / jnp.where(state.reference > 0,
                                           state.reference, 1.0), 0.0)
