@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import collections.abc
 import functools
-import sys
 from typing import Any, Callable, Iterable
 
 import chex
@@ -25,6 +24,7 @@ import optax
 
 from sal_jax import _estimators
 from sal_jax import _metrics
+from sal_jax import _nnx_interop
 from sal_jax import _protect
 from sal_jax import _shift_consolidation
 from sal_jax import _tree_utils
@@ -199,20 +199,6 @@ def _is_masked(x: Any) -> bool:
   return isinstance(x, optax.MaskedNode)
 
 
-def _nnx_module():
-  return sys.modules.get("flax.nnx")
-
-
-def _unwrap_variables(tree: Any) -> Any:
-  """A pytree with any ``flax.nnx`` Variable replaced by its value."""
-  nnx = _nnx_module()
-  if nnx is None:
-    return tree
-  is_variable = lambda v: isinstance(v, nnx.Variable)  # noqa: E731
-  return jax.tree.map(lambda v: v.get_value() if is_variable(v) else v,
-                      tree, is_leaf=is_variable)
-
-
 def _consolidate_state(state: _protect.ProtectState, params, fisher,
                        decay) -> _protect.ProtectState:
   est = state.estimator_state
@@ -342,37 +328,29 @@ def consolidate(
     Schwarz et al., "Progress & Compress", ICML 2018 (online EWC).
   """
   _validation.check_number("sal_jax.consolidate", "decay", decay, 0.0, 1.0)
-  nnx = _nnx_module()
-  params = _unwrap_variables(params)
-  fisher = _unwrap_variables(fisher)
+  params = _nnx_interop.unwrap_variables(params)
+  fisher = _nnx_interop.unwrap_variables(fisher)
   _tree_utils.check_same_structure(fisher, params, "fisher", "params")
-  if nnx is not None and isinstance(opt_state, nnx.Optimizer):
-    new = consolidate(_unwrap_variables(opt_state.opt_state), params, fisher,
-                      decay=decay)
-    nnx.update(opt_state.opt_state, nnx.state(new))
-    return opt_state
-  if nnx is not None and any(
-      isinstance(v, nnx.Variable) for v in jax.tree.leaves(
-          opt_state, is_leaf=lambda v: isinstance(v, nnx.Variable))):
-    raise ValueError(
-        "sal_jax.consolidate: the optimizer state holds flax.nnx Variables; "
-        "pass the nnx.Optimizer itself.")
-  found = 0
 
-  def replace(x):
-    nonlocal found
-    if not _metrics._is_protect_state(x):
-      return x
-    found += 1
-    return _consolidate_state(x, params, fisher, decay)
+  def rewrite(opt_state):
+    found = 0
 
-  new_state = jax.tree.map(replace, opt_state,
-                           is_leaf=_metrics._is_protect_state)
-  if not found:
-    raise ValueError(
-        "sal_jax.consolidate: no ProtectState found in the optimizer state; "
-        "is sal_jax.protect() part of the optimizer?")
-  return new_state
+    def replace(x):
+      nonlocal found
+      if not _metrics._is_protect_state(x):
+        return x
+      found += 1
+      return _consolidate_state(x, params, fisher, decay)
+
+    new_state = jax.tree.map(replace, opt_state,
+                             is_leaf=_metrics._is_protect_state)
+    if not found:
+      raise ValueError(
+          "sal_jax.consolidate: no ProtectState found in the optimizer "
+          "state; is sal_jax.protect() part of the optimizer?")
+    return new_state
+
+  return _nnx_interop.rewrite_state(opt_state, rewrite, "sal_jax.consolidate")
 
 
 def prediction_drift(

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import sys
 from typing import Any
 
 import jax
@@ -10,6 +9,7 @@ import jax.numpy as jnp
 import optax
 
 from sal_jax import _budget
+from sal_jax import _nnx_interop
 from sal_jax import _protect
 
 # Cut-offs of the original's stability summary (strict inequalities).
@@ -46,12 +46,7 @@ def find_protect_states(opt_state: Any) -> list[_protect.ProtectState]:
   opt_state = getattr(opt_state, "opt_state", opt_state)
   leaves = jax.tree.leaves(opt_state, is_leaf=_is_protect_state)
   found = [x for x in leaves if _is_protect_state(x)]
-  if "flax.nnx" in sys.modules:
-    variable_type = sys.modules["flax.nnx"].Variable
-    is_variable = lambda v: isinstance(v, variable_type)
-    found = [jax.tree.map(lambda v: v.get_value() if is_variable(v) else v,
-                          x, is_leaf=is_variable)
-             for x in found]
+  found = [_nnx_interop.unwrap_variables(x) for x in found]
   return found
 
 

@@ -596,3 +596,32 @@ def test_momentum_filter_fraction_may_be_traced():
 
   assert int((first_update(0.5)["w"] != 0).sum()) == 3
   assert int((first_update(1.0)["w"] != 0).sum()) == 6
+
+
+def test_ewc_consolidate_an_nnx_optimizer_in_place():
+  nnx = pytest.importorskip("flax.nnx")
+  model = nnx.Linear(3, 2, rngs=nnx.Rngs(0))
+  optimizer = nnx.Optimizer(model, optax.chain(contrib.ewc(1.0),
+                                               optax.sgd(0.1)),
+                            wrt=nnx.Param)
+  params = nnx.state(model, nnx.Param)
+  fisher = jax.tree.map(lambda p: jnp.abs(p[...]) + 1.0, params)
+  assert contrib.ewc_consolidate(optimizer, params, fisher) is optimizer
+  state = optimizer.opt_state[0]
+  for omega, anchor, f, p in zip(
+      jax.tree.leaves(state.importance), jax.tree.leaves(state.anchor),
+      jax.tree.leaves(fisher), jax.tree.leaves(params)):
+    np.testing.assert_array_equal(omega, f)
+    np.testing.assert_allclose(anchor, p, rtol=1e-6)
+  assert int(state.consolidations[...]) == 1
+  # The pull acts in the jitted step: moved params are pulled back.
+  model.kernel[...] = model.kernel[...] + 1.0
+
+  @nnx.jit
+  def step(model, optimizer):
+    zero = jax.tree.map(jnp.zeros_like, nnx.state(model, nnx.Param))
+    optimizer.update(model, zero)
+
+  before = np.asarray(model.kernel[...])
+  step(model, optimizer)
+  assert np.all(np.asarray(model.kernel[...]) < before)

@@ -15,6 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from sal_jax import _nnx_interop
 from sal_jax import _tree_utils
 from sal_jax import _validation
 from sal_jax.contrib import _anchor
@@ -153,8 +154,9 @@ def ewc_consolidate(
 
   Args:
     opt_state: an optimizer state holding exactly one :class:`EwcState`
-      (e.g. that of ``optax.chain(ewc(...), optax.adamw(...))``), or the
-      :class:`EwcState` itself.
+      (e.g. that of ``optax.chain(ewc(...), optax.adamw(...))``), the
+      :class:`EwcState` itself, or a ``flax.nnx.Optimizer`` (updated in
+      place).
     params: the params at the end of the task.
     fisher: the task's importance :math:`F \ge 0`, like the params (e.g.
       from :func:`empirical_fisher`).
@@ -162,7 +164,8 @@ def ewc_consolidate(
     decay: :math:`\gamma \in [0, 1]`, online EWC only.
 
   Returns:
-    ``opt_state`` with its :class:`EwcState` replaced by the consolidated one.
+    ``opt_state`` with its :class:`EwcState` replaced by the consolidated one
+    (an ``nnx.Optimizer``: the same, updated).
 
   Raises:
     TypeError: for a hyperparameter of the wrong type.
@@ -194,30 +197,37 @@ def ewc_consolidate(
     raise ValueError(
         "sal_jax.contrib.ewc_consolidate: decay applies to online EWC only; "
         f"pass online=True (got decay={decay!r} with online=False).")
-  state = _anchor.find_state(opt_state, EwcState, "ewc_consolidate")
-  _tree_utils.check_same_structure(params, state.anchor, "params",
-                                   "the EWC anchor")
-  _tree_utils.check_same_structure(fisher, params, "fisher", "params")
+  params = _nnx_interop.unwrap_variables(params)
+  fisher = _nnx_interop.unwrap_variables(fisher)
 
-  def leaf(omega, anchor, p, f):
-    f = jnp.asarray(f).astype(omega.dtype)
-    p = jnp.asarray(p).astype(anchor.dtype)
-    if online:
-      return (decay * omega + f).astype(omega.dtype), p
-    total = omega + f
-    positive = total > 0
-    merged = (omega * anchor + f * p) / jnp.where(positive, total, 1.0)
-    return total, jnp.where(positive, merged, p).astype(anchor.dtype)
+  def rewrite(opt_state):
+    state = _anchor.find_state(opt_state, EwcState, "ewc_consolidate")
+    _tree_utils.check_same_structure(params, state.anchor, "params",
+                                     "the EWC anchor")
+    _tree_utils.check_same_structure(fisher, params, "fisher", "params")
 
-  pairs = jax.tree.map(leaf, state.importance, state.anchor, params, fisher)
-  # Not jax.tree.transpose: it fails on a tree without leaves (optax's
-  # tree_map_params initialises with one).
-  importance = jax.tree.map(lambda _, pair: pair[0], state.importance, pairs)
-  anchor = jax.tree.map(lambda _, pair: pair[1], state.anchor, pairs)
-  new_state = EwcState(importance=importance, anchor=anchor,
-                       consolidations=state.consolidations + 1)
-  return jax.tree.map(lambda x: new_state if _is_ewc_state(x) else x,
-                      opt_state, is_leaf=_is_ewc_state)
+    def leaf(omega, anchor, p, f):
+      f = jnp.asarray(f).astype(omega.dtype)
+      p = jnp.asarray(p).astype(anchor.dtype)
+      if online:
+        return (decay * omega + f).astype(omega.dtype), p
+      total = omega + f
+      positive = total > 0
+      merged = (omega * anchor + f * p) / jnp.where(positive, total, 1.0)
+      return total, jnp.where(positive, merged, p).astype(anchor.dtype)
+
+    pairs = jax.tree.map(leaf, state.importance, state.anchor, params, fisher)
+    # Not jax.tree.transpose: it fails on a tree without leaves (optax's
+    # tree_map_params initialises with one).
+    importance = jax.tree.map(lambda _, pair: pair[0], state.importance, pairs)
+    anchor = jax.tree.map(lambda _, pair: pair[1], state.anchor, pairs)
+    new_state = EwcState(importance=importance, anchor=anchor,
+                         consolidations=state.consolidations + 1)
+    return jax.tree.map(lambda x: new_state if _is_ewc_state(x) else x,
+                        opt_state, is_leaf=_is_ewc_state)
+
+  return _nnx_interop.rewrite_state(opt_state, rewrite,
+                                    "sal_jax.contrib.ewc_consolidate")
 
 
 def empirical_fisher(
