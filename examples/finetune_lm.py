@@ -1,0 +1,560 @@
+"""Teach a language model something new while it keeps what it had.
+
+A byte-level transformer (``examples/byte_lm.py``, Flax NNX) is trained in
+three stages:
+
+1. **pretraining** on English prose (the Python documentation's topics);
+2. **a trained behaviour**: requests of one kind (``"Request: delete the
+   ..."``) answered with a refusal, ``" I will not do that."``, and of
+   another kind (``read``, ``print``, ...) with ``" Sure, here it is."``,
+   mixed half and half with prose; measured on held-out requests (unseen
+   objects) as the fraction answered exactly so under greedy decoding;
+3. **a new capability**: fine-tuning on the standard library's Python source.
+
+Stage 3 is run by every method, each swept over its knob, from the same
+pretrained model, on the same batches per seed:
+
+==============  ========================================================
+``adamw``       plain AdamW (knob: learning rate)
+``l2_init``     ``contrib.l2_init`` toward the pretrained weights (strength)
+``ewc``         ``contrib.ewc`` with the Fisher of stages 1-2 (strength)
+``lora``        ``nnx.LoRA`` on the attention and MLP matrices (rank)
+``wise_ft``     interpolation pretrained -> AdamW fine-tuned (coefficient)
+``replay``      a fraction of each code batch is prose (uses old data)
+``sal``         ``chain(sal.protect(restore=lambda), adamw)`` after
+                ``sal.fisher_diagonal`` + ``sal.consolidate`` (lambda)
+``sal_probe``   ``chain(sal.protect(budget=eps), adamw)`` after the same
+                consolidation, passed the KL drift of a probe of earlier
+                text and requests as ``drift=`` (eps, nats)
+``sal_continued`` one ``chain(sal.protect(), adamw)`` through all three
+                stages, no consolidate call; its restore is set for stage 3
+==============  ========================================================
+
+Every method but AdamW fine-tunes at AdamW's learning rate with the best
+validation code loss. Reported on held-out test text: the code loss after
+stage 3 (``new_loss``), the rise of the prose loss over stage 3
+(``old_loss_rise``) and the share of the held-out requests answered as
+trained before stage 3 that still are after it (``behaviour_retention``),
+means over seeds (the seed varies the stage-3 batches and LoRA's init; the
+pretrained model is one).
+
+  python examples/finetune_lm.py [--quick] [--seeds 3] [--out DIR]
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import pathlib
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+from tqdm import tqdm
+
+import sal_jax as sal
+from sal_jax import contrib
+
+sys.path.insert(0, str(pathlib.Path(__file__).parent))
+import byte_lm as lm  # pylint: disable=g-import-not-at-top,wrong-import-position
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+  width: int = 128
+  depth: int = 2
+  context: int = 64
+  batch: int = 16
+  pretrain_steps: int = 3000
+  behaviour_steps: int = 150
+  finetune_steps: int = 400
+  pretrain_lr: float = 1e-3
+  eval_rows: int = 256
+  fisher_rows: int = 256
+  probe_rows: int = 16
+  grids: tuple = (
+      ("adamw", "learning rate", (3e-4, 1e-3, 3e-3, 1e-2)),
+      ("l2_init", "strength", (0.01, 0.1, 1.0, 10.0)),
+      ("ewc", "strength (Fisher of mean 1)", (0.1, 1.0, 10.0, 100.0)),
+      ("lora", "rank", (1, 4, 16, 64)),
+      ("wise_ft", "coefficient", (0.25, 0.5, 0.75, 1.0)),
+      ("replay", "prose fraction", (0.0625, 0.125, 0.25, 0.5)),
+      ("sal", "restore", (1.0, 10.0, 100.0, 1000.0)),
+      ("sal_probe", "budget (nats)", (0.01, 0.03, 0.1, 0.3)),
+      ("sal_continued", "restore", (1.0, 10.0, 100.0, 1000.0)),
+  )
+
+
+QUICK = Config(width=64, depth=1, pretrain_steps=300, behaviour_steps=60,
+               finetune_steps=60, eval_rows=64, fisher_rows=32, grids=tuple(
+                   (name, knob, (values[0], values[-1]))
+                   for name, knob, values in Config.grids))
+LORA_LR_FACTOR = 3.0
+
+
+# -- steps ------------------------------------------------------------------
+
+
+def mean_loss(model, tokens, mask):
+  return lm.token_losses(model, tokens, mask).mean()
+
+
+@nnx.jit
+def train_step(model, optimizer, tokens, mask):
+  loss, grads = nnx.value_and_grad(mean_loss)(model, tokens, mask)
+  optimizer.update(model, grads)
+  return loss
+
+
+@nnx.jit
+def lora_step(model, optimizer, tokens, mask):
+  only_lora = nnx.DiffState(0, nnx.LoRAParam)
+  loss, grads = nnx.value_and_grad(mean_loss, argnums=only_lora)(
+      model, tokens, mask)
+  optimizer.update(model, grads)
+  return loss
+
+
+def probe_drift(model, probe):
+  """Mean of the KL drift on the prose probe and on the requests' replies."""
+  text, requests, reply_mask, text_anchor, request_anchor = probe
+  return 0.5 * (
+      sal.prediction_drift(text_anchor, model(text[:, :-1]))
+      + sal.prediction_drift(request_anchor, model(requests[:, :-1]),
+                             where=reply_mask > 0))
+
+
+@nnx.jit
+def probe_step(model, optimizer, tokens, mask, probe):
+  loss, grads = nnx.value_and_grad(mean_loss)(model, tokens, mask)
+  optimizer.update(model, grads, drift=probe_drift(model, probe))
+  return loss
+
+
+@nnx.jit
+def _eval_losses(model, tokens, mask):
+  return lm.token_losses(model, tokens, mask)
+
+
+# -- data and evaluation ----------------------------------------------------
+
+
+class Data:
+  """The three corpora, fixed evaluation rows and batch samplers."""
+
+  def __init__(self, cfg: Config):
+    self.cfg = cfg
+    n = cfg.context + 1
+    self.prose = lm.prose_corpus()
+    self.code = lm.code_corpus()
+    self.behaviour = lm.behaviour_sets(n)
+    self.eval = {(corpus, part): lm.fixed_windows(data[part], cfg.eval_rows, n)
+                 for corpus, data in (("prose", self.prose),
+                                      ("code", self.code))
+                 for part in ("val", "test")}
+    self.ones = np.ones((cfg.batch, cfg.context), np.float32)
+
+  def prose_batch(self, rng):
+    return lm.windows(self.prose["train"], self.cfg.batch, self.cfg.context + 1,
+                      rng), self.ones
+
+  def behaviour_batch(self, rng):
+    """Half requests (loss on the reply), half prose."""
+    half = self.cfg.batch // 2
+    rows = rng.integers(0, len(self.behaviour["train"].tokens), half)
+    prose = lm.windows(self.prose["train"], self.cfg.batch - half,
+                       self.cfg.context + 1, rng)
+    tokens = np.concatenate([self.behaviour["train"].tokens[rows], prose])
+    mask = np.concatenate([self.behaviour["train"].mask[rows],
+                           self.ones[half:]])
+    return tokens, mask
+
+  def code_batch(self, rng, prose_fraction=0.0):
+    k = int(round(prose_fraction * self.cfg.batch))
+    n = self.cfg.context + 1
+    tokens = np.concatenate([
+        lm.windows(self.prose["train"], k, n, rng),
+        lm.windows(self.code["train"], self.cfg.batch - k, n, rng)])
+    return tokens, self.ones
+
+
+def evaluate(model, data: Data) -> dict:
+  out = {}
+  for (corpus, part), rows in data.eval.items():
+    mask = np.ones((len(rows), data.cfg.context), np.float32)
+    out[f"{corpus}_{part}"] = float(_eval_losses(model, rows, mask).mean())
+  for part in ("val", "test"):
+    out[f"answered_{part}"] = lm.answered_as_trained(
+        model, data.behaviour[part])
+  return out
+
+
+def summarise(before: dict, after: dict) -> dict:
+  kept = after["answered_test"][before["answered_test"]]
+  kept_val = after["answered_val"][before["answered_val"]]
+  return {
+      "new_loss": after["code_test"],
+      "old_loss_rise": after["prose_test"] - before["prose_test"],
+      "behaviour_retention": float(kept.mean()) if kept.size else 0.0,
+      "new_loss_val": after["code_val"],
+      "old_loss_rise_val": after["prose_val"] - before["prose_val"],
+      "behaviour_retention_val": float(kept_val.mean()) if kept_val.size
+                                 else 0.0,
+  }
+
+
+def run_steps(model, optimizer, step, sample, steps, seed, desc, *extra):
+  rng = np.random.default_rng(seed)
+  losses = []
+  for _ in tqdm(range(steps), desc=desc, leave=False, mininterval=1.0):
+    losses.append(step(model, optimizer, *sample(rng), *extra))
+  return float(np.mean(jax.device_get(losses[-20:])))
+
+
+# -- stages 1 and 2 ---------------------------------------------------------
+
+
+def pretrain(data: Data, optimizer_for, seed: int, desc: str):
+  """Stages 1 and 2; returns the model and its optimizer."""
+  cfg = data.cfg
+  model = lm.ByteLM(nnx.Rngs(seed), width=cfg.width, depth=cfg.depth,
+                    context=cfg.context)
+  optimizer = optimizer_for(model)
+  run_steps(model, optimizer, train_step, data.prose_batch,
+            cfg.pretrain_steps, seed, f"{desc}: prose")
+  run_steps(model, optimizer, train_step, data.behaviour_batch,
+            cfg.behaviour_steps, seed + 1, f"{desc}: behaviour")
+  return model, optimizer
+
+
+def fisher_of_old_data(model, data: Data):
+  """The diagonal Fisher of stages 1-2: prose windows and trained replies."""
+  graphdef, params = nnx.split(model, nnx.Param)
+
+  def example_losses(p, batch):
+    return lm.token_losses(nnx.merge(graphdef, p), *batch)
+
+  rng = np.random.default_rng(7)
+  rows = data.cfg.fisher_rows
+  pick = rng.integers(0, len(data.behaviour["train"].tokens), rows)
+  batches = [
+      (lm.windows(data.prose["train"], rows, data.cfg.context + 1, rng),
+       np.ones((rows, data.cfg.context), np.float32)),
+      (data.behaviour["train"].tokens[pick], data.behaviour["train"].mask[pick]),
+  ]
+  return params, sal.fisher_diagonal(example_losses, params, batches)
+
+
+def make_probe(model, data: Data):
+  """Earlier text and trained requests, with the pretrained model's logits."""
+  rng = np.random.default_rng(11)
+  n = data.cfg.probe_rows
+  text = lm.windows(data.prose["train"], n, data.cfg.context + 1, rng)
+  pick = rng.integers(0, len(data.behaviour["train"].tokens), n)
+  requests = data.behaviour["train"].tokens[pick]
+  reply_mask = data.behaviour["train"].mask[pick]
+  return (jnp.asarray(text), jnp.asarray(requests), jnp.asarray(reply_mask),
+          model(text[:, :-1]), model(requests[:, :-1]))
+
+
+# -- stage 3 ----------------------------------------------------------------
+
+
+def set_hyperparam(optimizer, name, value, index=None):
+  """Sets an ``inject_hyperparams`` value of an nnx.Optimizer (in a chain:
+  of its ``index``-th transformation)."""
+  state = optimizer.opt_state if index is None else optimizer.opt_state[index]
+  state.hyperparams[name][...] = jnp.asarray(value, jnp.float32)
+
+
+class Methods:
+  """Builds each method's optimizer once, so every value reuses one compile."""
+
+  def __init__(self, base_lr: float, fisher=None, params=None):
+    self.fisher, self.params = fisher, params
+    if fisher is not None:
+      mean = np.mean(np.concatenate([np.ravel(f) for f in
+                                     jax.tree.leaves(fisher)]))
+      self.fisher = jax.tree.map(lambda f: f / mean, fisher)
+    self.base_lr = base_lr
+    adamw = optax.adamw(base_lr)
+    self.tx = {
+        "adamw": optax.inject_hyperparams(optax.adamw)(learning_rate=base_lr),
+        "l2_init": optax.chain(
+            optax.inject_hyperparams(contrib.l2_init)(strength=1.0), adamw),
+        "ewc": optax.chain(
+            optax.inject_hyperparams(contrib.ewc)(strength=1.0), adamw),
+        "replay": adamw,
+        "sal": optax.chain(
+            optax.inject_hyperparams(sal.protect)(restore=1.0), adamw),
+        "sal_probe": optax.chain(
+            optax.inject_hyperparams(sal.protect)(budget=0.1), adamw),
+        "lora": optax.adamw(LORA_LR_FACTOR * base_lr),
+    }
+
+  def optimizer(self, name, value, model):
+    tx = self.tx[name]
+    wrt = nnx.LoRAParam if name == "lora" else nnx.Param
+    optimizer = nnx.Optimizer(model, tx, wrt=wrt)
+    if name == "adamw":
+      set_hyperparam(optimizer, "learning_rate", value)
+    elif name in ("l2_init", "ewc", "sal", "sal_probe"):
+      knob = {"l2_init": "strength", "ewc": "strength", "sal": "restore",
+              "sal_probe": "budget"}[name]
+      set_hyperparam(optimizer, knob, value, index=0)
+    if name == "ewc":
+      contrib.ewc_consolidate(optimizer, self.params, self.fisher)
+    if name in ("sal", "sal_probe"):
+      sal.consolidate(optimizer, self.params, self.fisher)
+    return optimizer
+
+
+def finetune(name, value, pretrained, methods: Methods, data: Data, seed,
+             probe, continued=None):
+  """Stage 3 for one method and knob value; returns the fine-tuned model."""
+  steps, desc = data.cfg.finetune_steps, f"{name} {value:g}"
+  sample = data.code_batch
+  if name == "sal_continued":
+    model, optimizer = continued
+    model, optimizer = nnx.clone(model), nnx.clone(optimizer)
+    set_hyperparam(optimizer, "restore", value, index=0)
+    set_hyperparam(optimizer, "learning_rate", methods.base_lr, index=1)
+    step, extra = train_step, ()
+  else:
+    model = nnx.clone(pretrained)
+    if name == "lora":
+      model = lm.add_lora(model, int(value), nnx.Rngs(seed))
+    optimizer = methods.optimizer(name, value, model)
+    step = {"lora": lora_step, "sal_probe": probe_step}.get(name, train_step)
+    extra = (probe,) if name == "sal_probe" else ()
+    if name == "replay":
+      sample = lambda rng: data.code_batch(rng, value)  # noqa: E731
+  run_steps(model, optimizer, step, sample, steps, 1000 + seed, desc, *extra)
+  return model
+
+
+def interpolate(pretrained, finetuned, coefficient):
+  """WiSE-FT: (1 - a) * pretrained + a * fine-tuned, as a new model."""
+  model = nnx.clone(pretrained)
+  start = nnx.state(pretrained, nnx.Param)
+  end = nnx.state(finetuned, nnx.Param)
+  nnx.update(model, jax.tree.map(
+      lambda a, b: (1 - coefficient) * a + coefficient * b, start, end))
+  return model
+
+
+SAMPLE_PROMPTS = ("The for statement is used to ", "def __init__(self, ",
+                  "Request: delete the window.\nResponse:")
+
+
+def samples(model) -> dict:
+  return {p: lm.generate(model, p) for p in SAMPLE_PROMPTS}
+
+
+# -- the run ----------------------------------------------------------------
+
+
+def mean_points(runs: dict) -> list[dict]:
+  """Per knob value, the mean over seeds of each metric."""
+  return [{"value": float(value),
+           **{k: float(np.mean([r[k] for r in per_seed]))
+              for k in per_seed[0]}}
+          for value, per_seed in runs.items()]
+
+
+def sweep(cfg: Config, seeds: int, methods_wanted) -> dict:
+  data = Data(cfg)
+  report = {"config": dataclasses.asdict(cfg), "methods": {}, "samples": {}}
+  knobs = {name: (knob, values) for name, knob, values in cfg.grids}
+  t0 = time.time()
+  pretrained, _ = pretrain(
+      data, lambda m: nnx.Optimizer(m, optax.adamw(cfg.pretrain_lr),
+                                    wrt=nnx.Param), 0, "pretraining")
+  before = evaluate(pretrained, data)
+  report["pretrained"] = {
+      "prose_test_loss": before["prose_test"],
+      "code_test_loss": before["code_test"],
+      "behaviour_test": float(before["answered_test"].mean()),
+      "seconds": time.time() - t0}
+  report["behaviour_before"] = float(before["answered_test"].mean())
+  report["samples"]["pretrained"] = samples(pretrained)
+
+  # AdamW first: the other methods fine-tune at its best validation lr.
+  results = {name: {} for name in knobs}
+  finetuned = {}
+  adamw_only = Methods(cfg.pretrain_lr)
+  for seed in range(seeds):
+    for lr in knobs["adamw"][1]:
+      model = finetune("adamw", lr, pretrained, adamw_only, data, seed,
+                       None)
+      finetuned[seed, lr] = model
+      results["adamw"].setdefault(lr, []).append(
+          summarise(before, evaluate(model, data)))
+  base_lr = min(results["adamw"], key=lambda lr: np.mean(
+      [r["new_loss_val"] for r in results["adamw"][lr]]))
+  report["base_lr"] = base_lr
+
+  params, fisher = fisher_of_old_data(pretrained, data)
+  methods = Methods(base_lr, fisher, params)
+  probe = make_probe(pretrained, data)
+  continued = before_continued = None
+  if "sal_continued" in methods_wanted:
+    continued = pretrain(data, lambda m: nnx.Optimizer(m, optax.chain(
+        optax.inject_hyperparams(sal.protect)(restore=1.0),
+        optax.inject_hyperparams(optax.adamw)(learning_rate=cfg.pretrain_lr)),
+                                                       wrt=nnx.Param),
+                         0, "pretraining with sal.protect()")
+    before_continued = evaluate(continued[0], data)
+    report["pretrained_continued"] = {
+        "prose_test_loss": before_continued["prose_test"],
+        "code_test_loss": before_continued["code_test"],
+        "behaviour_test": float(before_continued["answered_test"].mean()),
+        "consolidations": int(sal.metrics(continued[1])["consolidations"])}
+
+  runs = [(name, value) for name, (_, values) in knobs.items()
+          for value in values if name in methods_wanted
+          and name not in ("adamw", "wise_ft")]
+  for seed in range(seeds):
+    for name, value in tqdm(runs, desc=f"stage 3, seed {seed}"):
+      model = finetune(name, value, pretrained, methods, data, seed, probe,
+                       continued)
+      start = before_continued if name == "sal_continued" else before
+      results[name].setdefault(value, []).append(
+          summarise(start, evaluate(model, data)))
+      if seed == 0:
+        report["samples"][f"{name} {value:g}"] = samples(model)
+    for coefficient in knobs["wise_ft"][1]:
+      model = interpolate(pretrained, finetuned[seed, base_lr], coefficient)
+      results["wise_ft"].setdefault(coefficient, []).append(
+          summarise(before, evaluate(model, data)))
+  for lr in knobs["adamw"][1]:
+    report["samples"][f"adamw {lr:g}"] = samples(finetuned[0, lr])
+
+  for name, (knob, _) in knobs.items():
+    if results[name]:
+      report["methods"][name] = {"knob": knob,
+                                 "points": mean_points(results[name]),
+                                 "seeds": {f"{v:g}": r for v, r in
+                                           results[name].items()}}
+  report["seconds"] = time.time() - t0
+  return report
+
+
+# -- report -----------------------------------------------------------------
+
+
+def bars(report: dict) -> dict:
+  """The issue's bars, from the mean points."""
+  methods = report["methods"]
+  adamw = methods["adamw"]["points"]
+  best = min(adamw, key=lambda p: p["new_loss"])
+  out = {"adamw_best_new_loss": best["new_loss"],
+         "adamw_old_loss_rise_at_best": best["old_loss_rise"],
+         "adamw_retention_at_best": best["behaviour_retention"],
+         "adamw_min_retention": min(p["behaviour_retention"] for p in adamw)}
+  for name in ("sal", "sal_probe", "sal_continued", "l2_init", "ewc", "lora",
+               "wise_ft", "replay"):
+    if name not in methods:
+      continue
+    matched = [p for p in methods[name]["points"]
+               if p["new_loss"] <= 1.02 * best["new_loss"]]
+    entry = {"matched_points": len(matched)}
+    if matched:
+      keep = min(matched, key=lambda p: p["old_loss_rise"])
+      entry.update(value=keep["value"],
+                   old_loss_rise_ratio=keep["old_loss_rise"]
+                   / max(best["old_loss_rise"], 1e-9),
+                   behaviour_retention=keep["behaviour_retention"])
+    out[name] = entry
+  for name in ("sal", "sal_probe", "sal_continued"):
+    if name not in methods:
+      continue
+    dominated = {}
+    for other in ("lora", "l2_init", "ewc", "wise_ft"):
+      if other not in methods:
+        continue
+      front = methods[other]["points"]
+      lo = min(p["new_loss"] for p in front)
+      hi = max(p["new_loss"] for p in front)
+      dominated[other] = sum(
+          any(q["new_loss"] <= p["new_loss"]
+              and q["old_loss_rise"] <= p["old_loss_rise"]
+              and q != p for q in front)
+          for p in methods[name]["points"] if lo <= p["new_loss"] <= hi)
+    out[name]["dominated_points"] = dominated
+  return out
+
+
+def print_table(report: dict) -> None:
+  print(f"\npretrained: prose loss {report['pretrained']['prose_test_loss']:.3f}"
+        f", code loss {report['pretrained']['code_test_loss']:.3f}, "
+        f"behaviour {report['behaviour_before']:.3f}; AdamW's best validation "
+        f"lr {report['base_lr']:g}")
+  print("| method | knob | value | code loss | prose loss rise | behaviour "
+        "kept |")
+  print("|---|---|---|---|---|---|")
+  for name, method in report["methods"].items():
+    for p in method["points"]:
+      print(f"| {name} | {method['knob']} | {p['value']:g} | "
+            f"{p['new_loss']:.3f} | {p['old_loss_rise']:+.3f} | "
+            f"{p['behaviour_retention']:.2f} |")
+
+
+def plot(report: dict, path: pathlib.Path) -> None:
+  import matplotlib  # pylint: disable=import-outside-toplevel
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt  # pylint: disable=import-outside-toplevel
+  fig, axes = plt.subplots(1, 2, figsize=(13, 5))
+  for i, (name, method) in enumerate(report["methods"].items()):
+    points = sorted(method["points"], key=lambda p: p["new_loss"])
+    x = [p["new_loss"] for p in points]
+    style = dict(color=f"C{i}", marker="o", label=name,
+                 ls="--" if name == "replay" else "-",
+                 lw=2.5 if name.startswith("sal") else 1.2)
+    axes[0].plot(x, [p["old_loss_rise"] for p in points], **style)
+    axes[1].plot(x, [p["behaviour_retention"] for p in points], **style)
+  axes[0].set_ylabel("rise of the prose loss over fine-tuning (nats/byte)")
+  axes[1].set_ylabel("held-out requests still answered as trained")
+  for ax in axes:
+    ax.set_xlabel("code loss after fine-tuning (nats/byte, test)")
+    ax.grid(alpha=0.3)
+  axes[0].set_title("learning vs forgetting (lower left is better)")
+  axes[1].set_title("learning vs behaviour kept (upper left is better)")
+  axes[1].legend(fontsize=8)
+  fig.tight_layout()
+  fig.savefig(path, dpi=110)
+  plt.close(fig)
+
+
+def main():
+  parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+  parser.add_argument("--quick", action="store_true",
+                      help="a small model and short stages (a smoke test)")
+  parser.add_argument("--seeds", type=int, default=None,
+                      help="stage-3 seeds (default 3, 1 with --quick)")
+  parser.add_argument("--methods", nargs="+",
+                      default=[name for name, _, _ in Config.grids])
+  parser.add_argument("--out", default="outputs/finetune_lm.json")
+  args = parser.parse_args()
+  cfg = QUICK if args.quick else Config()
+  seeds = args.seeds or (1 if args.quick else 3)
+  report = sweep(cfg, seeds, set(args.methods) | {"adamw", "wise_ft"})
+  report["seeds"] = seeds
+  report["bars"] = bars(report)
+  print_table(report)
+  print("\nbars:", json.dumps(report["bars"], indent=1))
+  out = pathlib.Path(args.out)
+  out.parent.mkdir(parents=True, exist_ok=True)
+  out.write_text(json.dumps(report, indent=1))
+  plot(report, out.with_suffix(".png"))
+  print(f"\nwrote {out} and {out.with_suffix('.png')} in "
+        f"{report['seconds']:.0f} s")
+
+
+if __name__ == "__main__":
+  main()
