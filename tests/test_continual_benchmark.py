@@ -215,6 +215,7 @@ def test_reservoir_fills_then_samples_uniformly():
   assert abs(first - last) / (first + last) < 0.15  # 200 * 8 / 40 = 40 each
 
 
+@pytest.mark.slow
 def test_quick_run_writes_complete_reports(tmp_path):
   result = subprocess.run(
       [sys.executable, str(ROOT / "benchmarks" / "continual.py"), "--quick",

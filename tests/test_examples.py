@@ -5,6 +5,10 @@ import pathlib
 import subprocess
 import sys
 
+import pytest
+
+pytestmark = pytest.mark.slow  # each test runs an example or benchmark
+
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 

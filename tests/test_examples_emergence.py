@@ -6,6 +6,8 @@ import sys
 
 import pytest
 
+pytestmark = pytest.mark.slow  # each test runs an example or benchmark
+
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 # Tiny settings; both examples are started at once (they are independent).

@@ -7,7 +7,11 @@ import pathlib
 import subprocess
 import sys
 
+import pytest
+
 import sal_jax as sal
+
+pytestmark = pytest.mark.slow  # each test runs an example or benchmark
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 

@@ -1,0 +1,129 @@
+"""The language-model fine-tuning example: its parts and its quick run."""
+
+from __future__ import annotations
+
+import json
+import pathlib
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+nnx = pytest.importorskip("flax.nnx")
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "examples"))
+import byte_lm as lm  # noqa: E402  pylint: disable=wrong-import-position
+
+METHODS = ("adamw", "l2_init", "ewc", "lora", "wise_ft", "replay", "sal",
+           "sal_probe", "sal_continued")
+
+
+def _model(seed=0):
+  return lm.ByteLM(nnx.Rngs(seed), width=32, depth=1, heads=2, context=64)
+
+
+def test_teacher_forced_check_agrees_with_greedy_decoding():
+  behaviour = lm.behaviour_sets(65)["test"]
+  model = _model()
+  # Train briefly on the requests so that some, not all, are answered.
+  opt = nnx.Optimizer(model, optax.adam(3e-3), wrt=nnx.Param)
+
+  @nnx.jit
+  def step(model, opt, tokens, mask):
+    grads = nnx.grad(lambda m: lm.token_losses(m, tokens, mask).mean())(model)
+    opt.update(model, grads)
+
+  rows = slice(0, 64)
+  answered = []
+  for _ in range(8):
+    for _ in range(25):
+      step(model, opt, behaviour.tokens[rows], behaviour.mask[rows])
+    answered = lm.answered_as_trained(model, behaviour)[:24]
+    if 0 < answered.sum() < len(answered):
+      break
+  assert 0 < answered.sum() < len(answered)
+  for i, flag in enumerate(answered):
+    prompt = lm.behaviour_prompt(behaviour, i)
+    reply = lm.REFUSAL if behaviour.refused[i] else lm.ACKNOWLEDGE
+    generated = lm.generate(model, prompt)
+    assert generated.startswith(reply) == bool(flag), (prompt, generated)
+
+
+def test_lora_starts_at_the_base_model_and_trains_only_its_factors():
+  model = _model()
+  tokens = jnp.asarray(lm.behaviour_sets(65)["val"].tokens[:4, :-1])
+  before = model(tokens)
+  lora = lm.add_lora(nnx.clone(model), 2, nnx.Rngs(1))
+  np.testing.assert_allclose(lora(tokens), before, atol=1e-5)
+  base = nnx.state(lora, nnx.Param)
+  opt = nnx.Optimizer(lora, optax.adam(1e-2), wrt=nnx.LoRAParam)
+  grads = nnx.grad(lambda m: m(tokens).sum(),
+                   argnums=nnx.DiffState(0, nnx.LoRAParam))(lora)
+  opt.update(lora, grads)
+  factors = nnx.state(lora, nnx.LoRAParam)
+  assert len(jax.tree.leaves(factors)) == 8  # a and b of 4 matrices
+  plain = nnx.state(lora, nnx.Not(nnx.LoRAParam))
+  for a, b in zip(jax.tree.leaves(nnx.state(model, nnx.Param)),
+                  jax.tree.leaves(plain)):
+    np.testing.assert_array_equal(a, b)
+  assert not np.allclose(lora(tokens), before, atol=1e-5)
+  del base
+
+
+def test_corpora_split_by_document_and_requests_use_unseen_objects():
+  prose, code = lm.prose_corpus(), lm.code_corpus()
+  for corpus in (prose, code):
+    assert len(corpus["train"]) > 4 * len(corpus["test"]) > 0
+  sets = lm.behaviour_sets(65)
+  objects = {part: {lm.behaviour_prompt(b, i).split(" the ")[1].split(".")[0]
+                    for i in range(len(b.tokens))}
+             for part, b in sets.items()}
+  assert not objects["train"] & objects["test"]
+  assert not objects["train"] & objects["val"]
+  test = sets["test"]
+  assert 0.3 < test.refused.mean() < 0.7
+  for i in range(5):
+    reply = lm.REFUSAL if test.refused[i] else lm.ACKNOWLEDGE
+    masked = test.tokens[i, 1:][test.mask[i] > 0]
+    assert bytes(masked.tolist()).decode() == reply
+
+
+@pytest.mark.slow
+def test_quick_run_writes_the_documented_report(tmp_path):
+  out = tmp_path / "finetune_lm.json"
+  result = subprocess.run(
+      [sys.executable, str(ROOT / "examples" / "finetune_lm.py"), "--quick",
+       "--out", str(out)],
+      capture_output=True, text=True, timeout=600, cwd=ROOT)
+  assert result.returncode == 0, result.stderr[-3000:]
+  report = json.loads(out.read_text())
+  assert set(report["methods"]) == set(METHODS)
+  for name, method in report["methods"].items():
+    assert isinstance(method["knob"], str)
+    assert len(method["points"]) == 2, name
+    for point in method["points"]:
+      assert set(point) >= {"value", "new_loss", "old_loss_rise",
+                            "behaviour_retention"}
+      assert all(np.isfinite(v) for v in point.values())
+      assert 0.0 <= point["behaviour_retention"] <= 1.0
+  assert 0.0 <= report["behaviour_before"] <= 1.0
+  # Fine-tuning on code lowers the code loss for AdamW at every lr.
+  for point in report["methods"]["adamw"]["points"]:
+    assert point["new_loss"] < report["pretrained"]["code_test_loss"]
+  # WiSE-FT at coefficient 1 is AdamW at the base learning rate.
+  wise = {p["value"]: p for p in report["methods"]["wise_ft"]["points"]}
+  adamw = {p["value"]: p for p in report["methods"]["adamw"]["points"]}
+  assert wise[1.0]["new_loss"] == pytest.approx(
+      adamw[report["base_lr"]]["new_loss"], rel=1e-6)
+  # One compile per optimizer, not per knob value: pretraining (AdamW and
+  # the continued SAL chain) and stage 3's adamw, l2_init, ewc, replay and
+  # sal chains; one probe step; one LoRA step per rank.
+  assert report["traces"] == {"train_step": 7, "lora_step": 2,
+                              "probe_step": 1}
+  assert out.with_suffix(".png").exists()
+  assert "| sal_probe |" in result.stdout
