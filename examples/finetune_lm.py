@@ -464,8 +464,12 @@ def bars(report: dict) -> dict:
   """The issue's bars, from the mean points."""
   methods = report["methods"]
   adamw = methods["adamw"]["points"]
-  best = min(adamw, key=lambda p: p["new_loss"])
-  out = {"adamw_best_new_loss": best["new_loss"],
+  best_loss = min(p["new_loss"] for p in adamw)
+  # AdamW's own matched point: its least forgetting within 2 % of its best.
+  best = min((p for p in adamw if p["new_loss"] <= 1.02 * best_loss),
+             key=lambda p: p["old_loss_rise"])
+  out = {"adamw_best_new_loss": best_loss,
+         "adamw_lr_at_best": best["value"],
          "adamw_old_loss_rise_at_best": best["old_loss_rise"],
          "adamw_retention_at_best": best["behaviour_retention"],
          "adamw_min_retention": min(p["behaviour_retention"] for p in adamw)}
@@ -474,7 +478,7 @@ def bars(report: dict) -> dict:
     if name not in methods:
       continue
     matched = [p for p in methods[name]["points"]
-               if p["new_loss"] <= 1.02 * best["new_loss"]]
+               if p["new_loss"] <= 1.02 * best_loss]
     entry = {"matched_points": len(matched)}
     if matched:
       keep = min(matched, key=lambda p: p["old_loss_rise"])
@@ -486,19 +490,24 @@ def bars(report: dict) -> dict:
   for name in ("sal", "sal_probe", "sal_continued"):
     if name not in methods:
       continue
-    dominated = {}
-    for other in ("lora", "l2_init", "ewc", "wise_ft"):
-      if other not in methods:
-        continue
-      front = methods[other]["points"]
-      lo = min(p["new_loss"] for p in front)
-      hi = max(p["new_loss"] for p in front)
-      dominated[other] = sum(
-          any(q["new_loss"] <= p["new_loss"]
-              and q["old_loss_rise"] <= p["old_loss_rise"]
-              and q != p for q in front)
-          for p in methods[name]["points"] if lo <= p["new_loss"] <= hi)
-    out[name]["dominated_points"] = dominated
+    # Points of this method (inside the other's code-loss range) that some
+    # point of the other beats or ties on code loss and on forgetting
+    # (prose-loss rise; behaviour kept).
+    for key, worse in (("dominated_points", lambda q, p: q["old_loss_rise"]
+                        <= p["old_loss_rise"]),
+                       ("dominated_points_behaviour", lambda q, p:
+                        q["behaviour_retention"] >= p["behaviour_retention"])):
+      dominated = {}
+      for other in ("lora", "l2_init", "ewc", "wise_ft", "adamw", "replay"):
+        if other not in methods:
+          continue
+        front = methods[other]["points"]
+        lo = min(p["new_loss"] for p in front)
+        hi = max(p["new_loss"] for p in front)
+        dominated[other] = sum(
+            any(q["new_loss"] <= p["new_loss"] and worse(q, p) for q in front)
+            for p in methods[name]["points"] if lo <= p["new_loss"] <= hi)
+      out[name][key] = dominated
   return out
 
 
@@ -517,13 +526,36 @@ def print_table(report: dict) -> None:
             f"{p['behaviour_retention']:.2f} |")
 
 
+def print_matched(report: dict) -> None:
+  """Per method, its point nearest AdamW's best code loss (the bars' view)."""
+  b = report["bars"]
+  print(f"\nAt matched code loss (<= 1.02 x AdamW's best, "
+        f"{b['adamw_best_new_loss']:.3f}): AdamW's least prose-loss rise there "
+        f"{b['adamw_old_loss_rise_at_best']:+.3f} (lr "
+        f"{b['adamw_lr_at_best']:g}), behaviour kept "
+        f"{b['adamw_retention_at_best']:.2f}")
+  print("| method | matched points | value | prose rise / AdamW's | behaviour "
+        "kept |")
+  print("|---|---|---|---|---|")
+  for name in report["methods"]:
+    entry = b.get(name)
+    if not entry:
+      continue
+    if entry["matched_points"]:
+      print(f"| {name} | {entry['matched_points']} | {entry['value']:g} | "
+            f"{entry['old_loss_rise_ratio']:.2f} | "
+            f"{entry['behaviour_retention']:.2f} |")
+    else:
+      print(f"| {name} | 0 | - | - | - |")
+
+
 def plot(report: dict, path: pathlib.Path) -> None:
   import matplotlib  # pylint: disable=import-outside-toplevel
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt  # pylint: disable=import-outside-toplevel
   fig, axes = plt.subplots(1, 2, figsize=(13, 5))
   for i, (name, method) in enumerate(report["methods"].items()):
-    points = sorted(method["points"], key=lambda p: p["new_loss"])
+    points = method["points"]  # in the knob's order
     x = [p["new_loss"] for p in points]
     style = dict(color=f"C{i}", marker="o", label=name,
                  ls="--" if name == "replay" else "-",
@@ -537,7 +569,7 @@ def plot(report: dict, path: pathlib.Path) -> None:
     ax.grid(alpha=0.3)
   axes[0].set_title("learning vs forgetting (lower left is better)")
   axes[1].set_title("learning vs behaviour kept (upper left is better)")
-  axes[1].legend(fontsize=8)
+  axes[1].legend(fontsize=8, title="each curve: the method's knob, in order")
   fig.tight_layout()
   fig.savefig(path, dpi=110)
   plt.close(fig)
@@ -552,14 +584,20 @@ def main():
   parser.add_argument("--methods", nargs="+",
                       default=[name for name, _, _ in Config.grids])
   parser.add_argument("--out", default="outputs/finetune_lm.json")
+  parser.add_argument("--from-json", metavar="FILE",
+                      help="no training: redo the table, bars and plot of a "
+                           "saved report")
   args = parser.parse_args()
-  cfg = QUICK if args.quick else Config()
-  seeds = args.seeds or (1 if args.quick else 3)
-  report = sweep(cfg, seeds, set(args.methods) | {"adamw", "wise_ft"})
-  report["seeds"] = seeds
+  if args.from_json:
+    report = json.loads(pathlib.Path(args.from_json).read_text())
+  else:
+    cfg = QUICK if args.quick else Config()
+    seeds = args.seeds or (1 if args.quick else 3)
+    report = sweep(cfg, seeds, set(args.methods) | {"adamw", "wise_ft"})
+    report["seeds"] = seeds
   report["bars"] = bars(report)
   print_table(report)
-  print("\nbars:", json.dumps(report["bars"], indent=1))
+  print_matched(report)
   out = pathlib.Path(args.out)
   out.parent.mkdir(parents=True, exist_ok=True)
   out.write_text(json.dumps(report, indent=1))
