@@ -87,6 +87,12 @@ def _accuracy(logp, y, valid):
   return jnp.sum(correct) / jnp.maximum(jnp.sum(valid), 1)
 
 
+def _mean_nll(params, x, y, class_mask, valid):
+  losses = nll(params, x, y, class_mask)[0]
+  return jnp.sum(jnp.where(valid, losses, 0.0)) / jnp.maximum(jnp.sum(valid),
+                                                              1)
+
+
 def _kl(logp_then, logp_now, valid):
   """Mean over valid rows of ``KL(p_then || p_now)``."""
   kl = jnp.sum(jnp.exp(logp_then) * (logp_then - logp_now), -1)
@@ -130,6 +136,7 @@ def _train_program(method: cl_methods.Method) -> Callable:
   def train(data, orders, fisher_rows, params, key, hp):
     tx = method.make(hp, key)
     opt_state = tx.init(params)
+    params_init = params
     with_sal = bool(sal.find_protect_states(opt_state))
     x_test, y_test, valid_test = data["test"]
     x_val, y_val, valid_val = data["val"]
@@ -183,6 +190,13 @@ def _train_program(method: cl_methods.Method) -> Callable:
       logp = log_probs(evaluated(opt_state, params), x_test[0], masks[0])
       curves["task1_acc"] = _accuracy(logp, y_test[0], valid_test[0])
       curves["kl_task1"] = _kl(logp_task1, logp, valid_test[0])
+      curves["task1_loss"] = _mean_nll(evaluated(opt_state, params),
+                                       x_test[0], y_test[0], masks[0],
+                                       valid_test[0])
+      if with_sal and "estimated_forgetting" in sal.metrics(opt_state):
+        # The relative budget's data-free estimate (its calibration).
+        curves["estimated_forgetting"] = sal.metrics(opt_state)[
+            "estimated_forgetting"]
       return (train_carry, logp_task1), curves
 
     def segment(carry, xs):
@@ -225,6 +239,8 @@ def _train_program(method: cl_methods.Method) -> Callable:
         "acc_val": acc_val,
         "kl_per_task": jax.vmap(_kl)(logp_saved, logp_end, valid_test),
         "online_acc": jnp.mean(curves["online_acc"]),
+        "task1_loss_init": _mean_nll(params_init, x_test[0], y_test[0],
+                                     masks[0], valid_test[0]),
         "curves": jax.tree.map(lambda c: c.reshape(-1), curves),
     }
 

@@ -160,6 +160,7 @@ def summarize(raw: dict, configs: dict[str, np.ndarray],
           "avg_acc": average_accuracy(acc).tolist(),
           "forgetting": forgetting(acc, segment_tasks).tolist(),
           "plasticity": plasticity(acc, segment_tasks).tolist(),
-          "online_acc": raw["online_acc"][:, c].tolist()},
+          "online_acc": raw["online_acc"][:, c].tolist(),
+          "task1_loss_init": raw["task1_loss_init"][:, c].tolist()},
       "curves": {k: v[:, c].tolist() for k, v in raw["curves"].items()},
   }

@@ -32,6 +32,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402  (after choosing the backend)
 import numpy as np  # noqa: E402
 
+import cl_calibration  # noqa: E402
 import cl_methods  # noqa: E402
 import cl_metrics  # noqa: E402
 
@@ -160,6 +161,9 @@ def write_markdown(results: dict, path: pathlib.Path) -> str:
         f"{protocol['single_task']['steps']} steps, learning rate chosen on "
         f"validation): {protocol['single_task_accuracy']:.3f}.{ratio}\n\n"
         + markdown_table(protocol) + "\n")
+  calibration = cl_calibration.markdown(results)
+  if calibration:
+    parts.append("## Calibration of the data-free estimate\n\n" + calibration)
   parts.append(
       "Forgetting: a task's accuracy right after its last training minus at "
       "the end, over the tasks other than the last segment's (BWT = "

@@ -42,6 +42,7 @@ import jax  # noqa: E402  (after the path setup)
 import numpy as np  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
+import cl_calibration  # noqa: E402
 import cl_engine  # noqa: E402
 import cl_methods  # noqa: E402
 import cl_metrics  # noqa: E402
@@ -184,6 +185,8 @@ def main(argv=None) -> dict:
     results = json.loads((out / "results.json").read_text())
     for name, protocol in results["protocols"].items():
       cl_report.plot_protocol(name, protocol, out)
+    cl_calibration.add_calibration(results)
+    cl_calibration.plot(results, out / "calibration.png")
     print(cl_report.write_markdown(results, out / "results.md"))
     return results
   out.mkdir(parents=True, exist_ok=True)
@@ -204,6 +207,7 @@ def main(argv=None) -> dict:
     results = _merge(json.loads((out / "results.json").read_text()),
                      results, args)
   cl_report.add_matched(results)
+  cl_calibration.add_calibration(results)
   figures = [path for name, protocol in results["protocols"].items()
              for path in cl_report.plot_protocol(name, protocol, out)]
   if args.merge:
@@ -211,6 +215,8 @@ def main(argv=None) -> dict:
         time.perf_counter() - start)
   else:
     results["settings"]["seconds"] = time.perf_counter() - start
+  if cl_calibration.plot(results, out / "calibration.png"):
+    figures.append(out / "calibration.png")
   cl_report.write_json(results, out / "results.json")
   print(cl_report.write_markdown(results, out / "results.md"))
   print(f"wrote {out / 'results.json'}, {out / 'results.md'} and "

@@ -12,6 +12,7 @@ import pytest
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
+import cl_calibration  # noqa: E402
 import cl_engine  # noqa: E402
 import cl_methods  # noqa: E402
 import cl_metrics  # noqa: E402
@@ -78,7 +79,30 @@ def _raw(val, test, s=2, t=2):
   return {"acc_test": matrix(test), "acc_val": matrix(val),
           "kl_per_task": np.full((s, c, t), 0.5),
           "online_acc": np.ones((s, c)),
+          "task1_loss_init": np.full((s, c), 2.3),
           "curves": {"task1_acc": np.zeros((s, c, 4))}}
+
+
+def test_calibration_by_hand():
+  # 2 chunks per segment; task 1's loss: 2.0 at init, 1.0 after segment 1,
+  # then 1.25 and 1.5 (a quarter, then half of its decrease given back).
+  protocol = {
+      "schedule": {"chunks_per_segment": 2, "steps_per_segment": 10},
+      "methods": {"sal_budget": {
+          "per_seed": {"task1_loss_init": [2.0, 2.0]},
+          "curves": {
+              "task1_loss": [[1.5, 1.0, 1.25, 1.5, 1.6, 1.7]] * 2,
+              "estimated_forgetting": [[0.0, 0.0, 0.1, 0.25, 0.3, 0.3],
+                                       [0.0, 0.0, 0.1, 1.0, 0.3, 0.3]]}}}}
+  c = cl_calibration.calibration(protocol)
+  np.testing.assert_allclose(c["measured_curve"], [0.25, 0.5])
+  np.testing.assert_allclose(c["estimate_curve"], [0.1, 0.625])
+  assert c["measured_end"] == pytest.approx(0.5)
+  assert c["estimate_end"] == pytest.approx(0.625)
+  assert c["ratio_end"] == pytest.approx(1.25)
+  np.testing.assert_allclose(c["ratio_per_seed"], [0.5, 2.0])
+  del protocol["methods"]["sal_budget"]["curves"]["estimated_forgetting"]
+  assert cl_calibration.calibration(protocol) is None
 
 
 def test_summarize_selects_on_validation_not_test():
