@@ -88,7 +88,12 @@ class Config:
       ("sal", "restore", (1.0, 10.0, 100.0, 1000.0)),
       ("sal_probe", "budget (nats)", (0.03, 0.1, 0.3, 1.0)),
       ("sal_continued", "restore", (1.0, 10.0, 100.0, 1000.0)),
+      ("sal_probe_loss", "budget (nats of probe-loss rise)",
+       (0.01, 0.03, 0.1, 0.3)),
   )
+  # sal_probe_loss runs only when asked for (--methods), to keep the
+  # default run within 30 minutes.
+  optional: tuple = ("sal_probe_loss",)
 
 
 QUICK = Config(width=64, depth=1, pretrain_steps=300, behaviour_steps=60,
@@ -130,11 +135,23 @@ def lora_step(model, optimizer, tokens, mask):
 
 def probe_drift(model, probe):
   """Mean of the KL drift on the prose probe and on the requests' replies."""
-  text, requests, reply_mask, text_anchor, request_anchor = probe
   return 0.5 * (
-      sal.prediction_drift(text_anchor, model(text[:, :-1]))
-      + sal.prediction_drift(request_anchor, model(requests[:, :-1]),
-                             where=reply_mask > 0))
+      sal.prediction_drift(probe["text_logits"], model(probe["text"][:, :-1]))
+      + sal.prediction_drift(probe["request_logits"],
+                             model(probe["requests"][:, :-1]),
+                             where=probe["reply_mask"] > 0))
+
+
+def probe_loss_rise(model, probe):
+  """Mean of the rises (floored at 0) of the probe's own losses.
+
+  Unlike the KL, an improvement of the old predictions does not count.
+  """
+  text = lm.token_losses(model, probe["text"], probe["text_mask"]).mean()
+  replies = lm.token_losses(model, probe["requests"],
+                            probe["reply_mask"]).mean()
+  return 0.5 * (jnp.maximum(text - probe["text_loss"], 0.0)
+                + jnp.maximum(replies - probe["reply_loss"], 0.0))
 
 
 @nnx.jit
@@ -142,6 +159,14 @@ def probe_step(model, optimizer, tokens, mask, probe):
   TRACES["probe_step"] += 1
   loss, grads = nnx.value_and_grad(mean_loss)(model, tokens, mask)
   optimizer.update(model, grads, drift=probe_drift(model, probe))
+  return loss
+
+
+@nnx.jit
+def probe_loss_step(model, optimizer, tokens, mask, probe):
+  TRACES["probe_loss_step"] += 1
+  loss, grads = nnx.value_and_grad(mean_loss)(model, tokens, mask)
+  optimizer.update(model, grads, drift=probe_loss_rise(model, probe))
   return loss
 
 
@@ -269,8 +294,14 @@ def make_probe(model, data: Data):
   pick = rng.integers(0, len(data.behaviour["train"].tokens), n)
   requests = data.behaviour["train"].tokens[pick]
   reply_mask = data.behaviour["train"].mask[pick]
-  return (jnp.asarray(text), jnp.asarray(requests), jnp.asarray(reply_mask),
-          model(text[:, :-1]), model(requests[:, :-1]))
+  text_mask = np.ones((n, data.cfg.context), np.float32)
+  return {
+      "text": jnp.asarray(text), "text_mask": jnp.asarray(text_mask),
+      "requests": jnp.asarray(requests), "reply_mask": jnp.asarray(reply_mask),
+      "text_logits": model(text[:, :-1]),
+      "request_logits": model(requests[:, :-1]),
+      "text_loss": lm.token_losses(model, text, text_mask).mean(),
+      "reply_loss": lm.token_losses(model, requests, reply_mask).mean()}
 
 
 # -- stage 3 ----------------------------------------------------------------
@@ -309,18 +340,18 @@ class Methods:
     }
 
   def optimizer(self, name, value, model):
-    tx = self.tx[name]
+    tx = self.tx["sal_probe" if name == "sal_probe_loss" else name]
     wrt = nnx.LoRAParam if name == "lora" else nnx.Param
     optimizer = nnx.Optimizer(model, tx, wrt=wrt)
     if name == "adamw":
       set_hyperparam(optimizer, "learning_rate", value)
-    elif name in ("l2_init", "ewc", "sal", "sal_probe"):
+    elif name in ("l2_init", "ewc", "sal", "sal_probe", "sal_probe_loss"):
       knob = {"l2_init": "strength", "ewc": "strength", "sal": "restore",
-              "sal_probe": "budget"}[name]
+              "sal_probe": "budget", "sal_probe_loss": "budget"}[name]
       set_hyperparam(optimizer, knob, value, index=0)
     if name == "ewc":
       contrib.ewc_consolidate(optimizer, self.params, self.fisher)
-    if name in ("sal", "sal_probe"):
+    if name in ("sal", "sal_probe", "sal_probe_loss"):
       sal.consolidate(optimizer, self.params, self.fisher)
     return optimizer
 
@@ -341,8 +372,9 @@ def finetune(name, value, pretrained, methods: Methods, data: Data, seed,
     if name == "lora":
       model = lm.add_lora(model, int(value), nnx.Rngs(seed))
     optimizer = methods.optimizer(name, value, model)
-    step = {"lora": lora_step, "sal_probe": probe_step}.get(name, train_step)
-    extra = (probe,) if name == "sal_probe" else ()
+    step = {"lora": lora_step, "sal_probe": probe_step,
+            "sal_probe_loss": probe_loss_step}.get(name, train_step)
+    extra = (probe,) if name.startswith("sal_probe") else ()
     if name == "replay":
       sample = lambda rng: data.code_batch(rng, value)  # noqa: E731
   run_steps(model, optimizer, step, sample, steps, 1000 + seed, desc, *extra)
@@ -378,7 +410,8 @@ def mean_points(runs: dict) -> list[dict]:
           for value, per_seed in runs.items()]
 
 
-def sweep(cfg: Config, seeds: int, methods_wanted) -> dict:
+def sweep(cfg: Config, seeds: int, methods_wanted, base_lr=None) -> dict:
+  """Runs everything; with ``base_lr`` given, skips AdamW and WiSE-FT."""
   data = Data(cfg)
   report = {"config": dataclasses.asdict(cfg), "methods": {}, "samples": {}}
   knobs = {name: (knob, values) for name, knob, values in cfg.grids}
@@ -399,15 +432,17 @@ def sweep(cfg: Config, seeds: int, methods_wanted) -> dict:
   results = {name: {} for name in knobs}
   finetuned = {}
   adamw_only = Methods(cfg.pretrain_lr)
-  for seed in range(seeds):
+  adamw_seeds = range(seeds) if base_lr is None else ()
+  for seed in adamw_seeds:
     for lr in knobs["adamw"][1]:
       model = finetune("adamw", lr, pretrained, adamw_only, data, seed,
                        None)
       finetuned[seed, lr] = model
       results["adamw"].setdefault(lr, []).append(
           summarise(before, evaluate(model, data)))
-  base_lr = min(results["adamw"], key=lambda lr: np.mean(
-      [r["new_loss_val"] for r in results["adamw"][lr]]))
+  if base_lr is None:
+    base_lr = min(results["adamw"], key=lambda lr: np.mean(
+        [r["new_loss_val"] for r in results["adamw"][lr]]))
   report["base_lr"] = base_lr
 
   params, fisher = fisher_of_old_data(pretrained, data)
@@ -439,11 +474,11 @@ def sweep(cfg: Config, seeds: int, methods_wanted) -> dict:
           summarise(start, evaluate(model, data)))
       if seed == 0:
         report["samples"][f"{name} {value:g}"] = samples(model)
-    for coefficient in knobs["wise_ft"][1]:
+    for coefficient in knobs["wise_ft"][1] if finetuned else ():
       model = interpolate(pretrained, finetuned[seed, base_lr], coefficient)
       results["wise_ft"].setdefault(coefficient, []).append(
           summarise(before, evaluate(model, data)))
-  for lr in knobs["adamw"][1]:
+  for lr in knobs["adamw"][1] if finetuned else ():
     report["samples"][f"adamw {lr:g}"] = samples(finetuned[0, lr])
 
   for name, (knob, _) in knobs.items():
@@ -455,6 +490,28 @@ def sweep(cfg: Config, seeds: int, methods_wanted) -> dict:
   report["traces"] = dict(TRACES)
   report["seconds"] = time.time() - t0
   return report
+
+
+def merge(cfg: Config, seeds: int, names, path: pathlib.Path) -> dict:
+  """Adds methods to a saved report, checking that it reproduces."""
+  old = json.loads(path.read_text())
+  if old["config"] != json.loads(json.dumps(dataclasses.asdict(cfg))):
+    raise SystemExit(f"--merge: {path} was run with another configuration")
+  if old["seeds"] != seeds:
+    raise SystemExit(f"--merge: {path} was run with {old['seeds']} seeds")
+  names = [n for n in names if n not in ("adamw", "wise_ft")]
+  new = sweep(cfg, seeds, set(names), base_lr=old["base_lr"])
+  for key in ("prose_test_loss", "code_test_loss", "behaviour_test"):
+    if abs(new["pretrained"][key] - old["pretrained"][key]) > 1e-5:
+      raise SystemExit(
+          f"--merge: the pretrained model no longer reproduces ({key}: "
+          f"{new['pretrained'][key]} vs {old['pretrained'][key]})")
+  old["methods"].update(new["methods"])
+  old["samples"].update({k: v for k, v in new["samples"].items()
+                         if k != "pretrained"})
+  old.setdefault("merged", []).append(
+      {"methods": names, "traces": new["traces"], "seconds": new["seconds"]})
+  return old
 
 
 # -- report -----------------------------------------------------------------
@@ -473,8 +530,8 @@ def bars(report: dict) -> dict:
          "adamw_old_loss_rise_at_best": best["old_loss_rise"],
          "adamw_retention_at_best": best["behaviour_retention"],
          "adamw_min_retention": min(p["behaviour_retention"] for p in adamw)}
-  for name in ("sal", "sal_probe", "sal_continued", "l2_init", "ewc", "lora",
-               "wise_ft", "replay"):
+  for name in ("sal", "sal_probe", "sal_probe_loss", "sal_continued",
+               "l2_init", "ewc", "lora", "wise_ft", "replay"):
     if name not in methods:
       continue
     matched = [p for p in methods[name]["points"]
@@ -487,7 +544,7 @@ def bars(report: dict) -> dict:
                    / max(best["old_loss_rise"], 1e-9),
                    behaviour_retention=keep["behaviour_retention"])
     out[name] = entry
-  for name in ("sal", "sal_probe", "sal_continued"):
+  for name in ("sal", "sal_probe", "sal_probe_loss", "sal_continued"):
     if name not in methods:
       continue
     # Points of this method (inside the other's code-loss range) that some
@@ -582,7 +639,11 @@ def main():
   parser.add_argument("--seeds", type=int, default=None,
                       help="stage-3 seeds (default 3, 1 with --quick)")
   parser.add_argument("--methods", nargs="+",
-                      default=[name for name, _, _ in Config.grids])
+                      default=[name for name, _, _ in Config.grids
+                               if name not in Config.optional])
+  parser.add_argument("--merge", metavar="FILE",
+                      help="run only --methods (not adamw, wise_ft) at the "
+                           "base lr of the report in FILE and add them to it")
   parser.add_argument("--out", default="outputs/finetune_lm.json")
   parser.add_argument("--from-json", metavar="FILE",
                       help="no training: redo the table, bars and plot of a "
@@ -593,8 +654,11 @@ def main():
   else:
     cfg = QUICK if args.quick else Config()
     seeds = args.seeds or (1 if args.quick else 3)
-    report = sweep(cfg, seeds, set(args.methods) | {"adamw", "wise_ft"})
-    report["seeds"] = seeds
+    if args.merge:
+      report = merge(cfg, seeds, args.methods, pathlib.Path(args.merge))
+    else:
+      report = sweep(cfg, seeds, set(args.methods) | {"adamw", "wise_ft"})
+      report["seeds"] = seeds
   report["bars"] = bars(report)
   print_table(report)
   print_matched(report)

@@ -20,7 +20,7 @@ sys.path.insert(0, str(ROOT / "examples"))
 import byte_lm as lm  # noqa: E402  pylint: disable=wrong-import-position
 
 METHODS = ("adamw", "l2_init", "ewc", "lora", "wise_ft", "replay", "sal",
-           "sal_probe", "sal_continued")
+           "sal_probe", "sal_continued", "sal_probe_loss")
 
 
 def _model(seed=0):
@@ -98,7 +98,7 @@ def test_quick_run_writes_the_documented_report(tmp_path):
   out = tmp_path / "finetune_lm.json"
   result = subprocess.run(
       [sys.executable, str(ROOT / "examples" / "finetune_lm.py"), "--quick",
-       "--out", str(out)],
+       "--out", str(out), "--methods", *METHODS],
       capture_output=True, text=True, timeout=600, cwd=ROOT)
   assert result.returncode == 0, result.stderr[-3000:]
   report = json.loads(out.read_text())
@@ -122,8 +122,21 @@ def test_quick_run_writes_the_documented_report(tmp_path):
       adamw[report["base_lr"]]["new_loss"], rel=1e-6)
   # One compile per optimizer, not per knob value: pretraining (AdamW and
   # the continued SAL chain) and stage 3's adamw, l2_init, ewc, replay and
-  # sal chains; one probe step; one LoRA step per rank.
+  # sal chains; one step per probe drift; one LoRA step per rank.
   assert report["traces"] == {"train_step": 7, "lora_step": 2,
-                              "probe_step": 1}
+                              "probe_step": 1, "probe_loss_step": 1}
   assert out.with_suffix(".png").exists()
   assert "| sal_probe |" in result.stdout
+  # --merge reruns a method into the saved report and checks that the
+  # pretrained model reproduces.
+  merged = tmp_path / "merged.json"
+  again = subprocess.run(
+      [sys.executable, str(ROOT / "examples" / "finetune_lm.py"), "--quick",
+       "--merge", str(out), "--methods", "sal", "--out", str(merged)],
+      capture_output=True, text=True, timeout=600, cwd=ROOT)
+  assert again.returncode == 0, again.stderr[-3000:]
+  merged = json.loads(merged.read_text())
+  assert merged["methods"]["sal"]["points"] == report["methods"]["sal"][
+      "points"]
+  assert merged["merged"][0]["methods"] == ["sal"]
+  assert merged["methods"]["adamw"] == report["methods"]["adamw"]
