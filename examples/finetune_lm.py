@@ -495,7 +495,13 @@ def sweep(cfg: Config, seeds: int, methods_wanted, base_lr=None) -> dict:
 def merge(cfg: Config, seeds: int, names, path: pathlib.Path) -> dict:
   """Adds methods to a saved report, checking that it reproduces."""
   old = json.loads(path.read_text())
-  if old["config"] != json.loads(json.dumps(dataclasses.asdict(cfg))):
+  now = json.loads(json.dumps(dataclasses.asdict(cfg)))
+  # The grids may gain methods; the rest must be as it was.
+  same = all(old["config"][k] == v for k, v in now.items()
+             if k not in ("grids", "optional"))
+  grids = {g[0]: g for g in now["grids"]}
+  same &= all(grids.get(g[0]) == g for g in old["config"]["grids"])
+  if not same:
     raise SystemExit(f"--merge: {path} was run with another configuration")
   if old["seeds"] != seeds:
     raise SystemExit(f"--merge: {path} was run with {old['seeds']} seeds")
