@@ -625,3 +625,16 @@ def test_ewc_consolidate_an_nnx_optimizer_in_place():
   before = np.asarray(model.kernel[...])
   step(model, optimizer)
   assert np.all(np.asarray(model.kernel[...]) < before)
+
+
+def test_ewc_consolidate_rejects_an_nnx_state_outside_its_optimizer():
+  nnx = pytest.importorskip("flax.nnx")
+  model = nnx.Linear(3, 2, rngs=nnx.Rngs(0))
+  optimizer = nnx.Optimizer(model, optax.chain(contrib.ewc(1.0),
+                                               optax.sgd(0.1)),
+                            wrt=nnx.Param)
+  params = nnx.state(model, nnx.Param)
+  fisher = jax.tree.map(lambda p: jnp.ones_like(p[...]), params)
+  # Its Variables could not be updated in place: ask for the optimizer.
+  with pytest.raises(ValueError, match="pass the nnx.Optimizer itself"):
+    contrib.ewc_consolidate(optimizer.opt_state, params, fisher)
