@@ -193,10 +193,11 @@ def _train_program(method: cl_methods.Method) -> Callable:
       curves["task1_loss"] = _mean_nll(evaluated(opt_state, params),
                                        x_test[0], y_test[0], masks[0],
                                        valid_test[0])
-      if with_sal and "estimated_forgetting" in sal.metrics(opt_state):
+      estimate = sal.metrics(opt_state).get("estimated_forgetting") if (
+          with_sal) else None
+      if estimate is not None:
         # The relative budget's data-free estimate (its calibration).
-        curves["estimated_forgetting"] = sal.metrics(opt_state)[
-            "estimated_forgetting"]
+        curves["estimated_forgetting"] = estimate
       return (train_carry, logp_task1), curves
 
     def segment(carry, xs):

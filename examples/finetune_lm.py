@@ -154,20 +154,21 @@ def probe_loss_rise(model, probe):
                 + jnp.maximum(replies - probe["reply_loss"], 0.0))
 
 
-@nnx.jit
-def probe_step(model, optimizer, tokens, mask, probe):
-  TRACES["probe_step"] += 1
-  loss, grads = nnx.value_and_grad(mean_loss)(model, tokens, mask)
-  optimizer.update(model, grads, drift=probe_drift(model, probe))
-  return loss
+def _budgeted_step(name, drift_fn):
+  """A train step that passes ``drift_fn(model, probe)`` as ``drift=``."""
+
+  @nnx.jit
+  def step(model, optimizer, tokens, mask, probe):
+    TRACES[name] += 1
+    loss, grads = nnx.value_and_grad(mean_loss)(model, tokens, mask)
+    optimizer.update(model, grads, drift=drift_fn(model, probe))
+    return loss
+
+  return step
 
 
-@nnx.jit
-def probe_loss_step(model, optimizer, tokens, mask, probe):
-  TRACES["probe_loss_step"] += 1
-  loss, grads = nnx.value_and_grad(mean_loss)(model, tokens, mask)
-  optimizer.update(model, grads, drift=probe_loss_rise(model, probe))
-  return loss
+probe_step = _budgeted_step("probe_step", probe_drift)
+probe_loss_step = _budgeted_step("probe_loss_step", probe_loss_rise)
 
 
 @nnx.jit

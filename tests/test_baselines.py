@@ -598,13 +598,17 @@ def test_momentum_filter_fraction_may_be_traced():
   assert int((first_update(1.0)["w"] != 0).sum()) == 6
 
 
-def test_ewc_consolidate_an_nnx_optimizer_in_place():
+def _nnx_ewc_optimizer():
   nnx = pytest.importorskip("flax.nnx")
   model = nnx.Linear(3, 2, rngs=nnx.Rngs(0))
   optimizer = nnx.Optimizer(model, optax.chain(contrib.ewc(1.0),
                                                optax.sgd(0.1)),
                             wrt=nnx.Param)
-  params = nnx.state(model, nnx.Param)
+  return nnx, model, optimizer, nnx.state(model, nnx.Param)
+
+
+def test_ewc_consolidate_an_nnx_optimizer_in_place():
+  nnx, model, optimizer, params = _nnx_ewc_optimizer()
   fisher = jax.tree.map(lambda p: jnp.abs(p[...]) + 1.0, params)
   assert contrib.ewc_consolidate(optimizer, params, fisher) is optimizer
   state = optimizer.opt_state[0]
@@ -628,12 +632,7 @@ def test_ewc_consolidate_an_nnx_optimizer_in_place():
 
 
 def test_ewc_consolidate_rejects_an_nnx_state_outside_its_optimizer():
-  nnx = pytest.importorskip("flax.nnx")
-  model = nnx.Linear(3, 2, rngs=nnx.Rngs(0))
-  optimizer = nnx.Optimizer(model, optax.chain(contrib.ewc(1.0),
-                                               optax.sgd(0.1)),
-                            wrt=nnx.Param)
-  params = nnx.state(model, nnx.Param)
+  _, _, optimizer, params = _nnx_ewc_optimizer()
   fisher = jax.tree.map(lambda p: jnp.ones_like(p[...]), params)
   # Its Variables could not be updated in place: ask for the optimizer.
   with pytest.raises(ValueError, match="pass the nnx.Optimizer itself"):

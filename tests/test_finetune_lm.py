@@ -60,7 +60,6 @@ def test_lora_starts_at_the_base_model_and_trains_only_its_factors():
   before = model(tokens)
   lora = lm.add_lora(nnx.clone(model), 2, nnx.Rngs(1))
   np.testing.assert_allclose(lora(tokens), before, atol=1e-5)
-  base = nnx.state(lora, nnx.Param)
   opt = nnx.Optimizer(lora, optax.adam(1e-2), wrt=nnx.LoRAParam)
   grads = nnx.grad(lambda m: m(tokens).sum(),
                    argnums=nnx.DiffState(0, nnx.LoRAParam))(lora)
@@ -72,7 +71,6 @@ def test_lora_starts_at_the_base_model_and_trains_only_its_factors():
                   jax.tree.leaves(plain)):
     np.testing.assert_array_equal(a, b)
   assert not np.allclose(lora(tokens), before, atol=1e-5)
-  del base
 
 
 def test_corpora_split_by_document_and_requests_use_unseen_objects():
