@@ -11,6 +11,7 @@ import pytest
 
 from sal_jax import contrib
 from sal_jax._tree_utils import MISSING_PARAMS_MESSAGE
+from sal_jax.contrib._momentum_filter import _top_fraction_mask
 from conftest import enable_x64
 
 TOL = dict(rtol=2e-5, atol=1e-6)
@@ -637,3 +638,16 @@ def test_ewc_consolidate_rejects_an_nnx_state_outside_its_optimizer():
   # Its Variables could not be updated in place: ask for the optimizer.
   with pytest.raises(ValueError, match="pass the nnx.Optimizer itself"):
     contrib.ewc_consolidate(optimizer.opt_state, params, fisher)
+
+
+@pytest.mark.parametrize("fraction", [1e-3, 0.01, 0.1, 0.37, 0.5, 1.0])
+@pytest.mark.parametrize("kind", ["normal", "ties", "tiny"])
+def test_momentum_filter_cut_is_the_sorted_kth_largest(fraction, kind):
+  rng = np.random.default_rng(7)
+  m = {"normal": rng.normal(size=(37, 29)),
+       "ties": rng.integers(-3, 4, size=(37, 29)).astype(float),
+       "tiny": rng.normal(size=(37, 29)) * 1e-38}[kind].astype(np.float32)
+  keep = int(np.ceil(fraction * m.size))
+  cut = np.sort(np.abs(m).ravel())[-keep]
+  mask = _top_fraction_mask(jnp.asarray(m), fraction)
+  np.testing.assert_array_equal(np.asarray(mask), np.abs(m) >= cut)

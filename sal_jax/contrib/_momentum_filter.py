@@ -28,15 +28,31 @@ class MomentumFilterState(NamedTuple):
 def _top_fraction_mask(m: jax.Array, fraction: chex.Numeric) -> jax.Array:
   """True on the ``ceil(fraction * size)`` entries of largest ``|m|``.
 
-  ``fraction`` may be traced (a vmapped or injected hyperparameter), so the
-  cut is read from the sorted magnitudes rather than from ``lax.top_k``,
-  whose ``k`` must be static. Ties at the cut are all kept.
+  ``fraction`` may be traced (a vmapped or injected hyperparameter), so
+  ``k`` is not static and ``lax.top_k`` cannot be used. The cut, the
+  ``k``-th largest magnitude, is found exactly by bisection on the
+  magnitudes' bit patterns (for non-negative floats, ordered like the
+  values): one count per bit, an order of magnitude faster than a sort on
+  CPU. Ties at the cut are all kept.
   """
-  flat = jnp.abs(m).reshape(-1)
-  size = flat.shape[0]
-  k = jnp.clip(jnp.ceil(fraction * size), 1, size).astype(jnp.int32)
-  cut = jnp.sort(flat)[size - k]
-  return jnp.abs(m) >= cut
+  magnitude = jnp.abs(m)  # real, also for complex momentum
+  wide = jnp.dtype(magnitude.dtype).itemsize == 8
+  magnitude = magnitude.astype(jnp.float64 if wide else jnp.float32)
+  int_dtype = jnp.int64 if wide else jnp.int32
+  bits = jax.lax.bitcast_convert_type(magnitude, int_dtype)
+  k = jnp.clip(jnp.ceil(fraction * bits.size), 1, bits.size).astype(int_dtype)
+
+  def halve(_, bounds):
+    # The cut lies in [low, high]: at least k entries are >= low.
+    low, high = bounds
+    middle = low + (high - low + 1) // 2
+    enough = jnp.sum(bits >= middle, dtype=int_dtype) >= k
+    return jnp.where(enough, middle, low), jnp.where(enough, high, middle - 1)
+
+  low, _ = jax.lax.fori_loop(
+      0, 8 * jnp.dtype(int_dtype).itemsize, halve,
+      (jnp.zeros((), int_dtype), jnp.max(bits)))
+  return bits >= low
 
 
 def scale_by_momentum_filter(
