@@ -72,7 +72,7 @@ from flax import nnx
 from tqdm import tqdm
 
 import sal_jax as sal
-from sal_jax import _estimators
+from sal_jax._protect import estimators as _estimators
 
 LEARNING_RATE = 1e-3
 BATCH = 64
@@ -321,7 +321,7 @@ def measure_model(model, methods, args, bandwidth, progress):
     bandwidth.run(args.bandwidth_reps)
 
   param_bytes = tree_bytes(model.params)
-  n_params = sal.parameter_count(model.params)
+  n_params = sal.analysis.parameter_count(model.params)
   result = {"description": model.description, "parameters": n_params,
             "param_bytes": param_bytes, "leaves": len(
                 jax.tree.leaves(model.params)), "methods": {}}
@@ -461,7 +461,7 @@ def main(argv=None):
         f"{os.cpu_count()} CPUs; XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}")
   for m in models:
     print(f"  {m.name}: {m.description}, "
-          f"{sal.parameter_count(m.params):,} parameters")
+          f"{sal.analysis.parameter_count(m.params):,} parameters")
 
   bandwidth = Bandwidth(args.bandwidth_mb)
   bandwidth.warm_up()

@@ -67,7 +67,7 @@ def train_step(model, optimizer, fields, x, y):
   optimizer.update(model, grads)
   # One pattern per layer, (2, batch * width): a batch of independent fields.
   patterns = jnp.stack([h.reshape(-1) for h in hidden])
-  reports, fields = jax.vmap(sal.observe)(fields, patterns)
+  reports, fields = jax.vmap(sal.emergence.observe)(fields, patterns)
   return loss, reports, fields
 
 
@@ -80,7 +80,7 @@ def run(args):
   x_tr, x_te, y_tr, y_te = load_data(args.seed)
   model = MLP(args.width, nnx.Rngs(args.seed))
   optimizer = nnx.Optimizer(model, optax.adam(args.lr), wrt=nnx.Param)
-  one = sal.emergence_init(args.batch_size * args.width, args.history)
+  one = sal.emergence.emergence_init(args.batch_size * args.width, args.history)
   fields = jax.tree.map(lambda a: jnp.stack([a] * len(LAYERS)), one)
   rng = np.random.default_rng(args.seed)
   steps_per_epoch = len(x_tr) // args.batch_size
@@ -103,7 +103,7 @@ def run(args):
       progress.set_postfix(test_acc=f"{accs[-1]:.3f}")
   log = {k: np.stack(v) for k, v in log.items()}  # (steps, layers)
   return dict(log=log, losses=np.array(losses), acc_steps=acc_steps,
-              accs=accs, rates=np.asarray(sal.emergence_rate(fields)),
+              accs=accs, rates=np.asarray(sal.emergence.emergence_rate(fields)),
               rejected=np.asarray(fields.rejected))
 
 

@@ -101,14 +101,14 @@ def make_cascade(model, args):
     state, field = carry
 
     def measure(z):
-      report, _ = sal.observe(field, decode(z))  # a look, no update
+      report, _ = sal.emergence.observe(field, decode(z))  # a look, no update
       return report.coherence, report.novelty, report.resonance
 
     state = contrib.cascade_step(
         state, key, evolve, measure, max_generations=args.max_generations,
         merge_threshold=args.merge_threshold, noise_scale=args.noise)
     slot, state = contrib.emerge(state)
-    _, field = sal.observe(field, decode(state.embeddings[slot]))
+    _, field = sal.emergence.observe(field, decode(state.embeddings[slot]))
     record = dict(status=state.status, viable=contrib.viable_pulses(state),
                   fitness=contrib.pulse_fitness(state.coherence,
                                                 state.novelty,
@@ -260,7 +260,7 @@ def main():
     run, encode, decode = make_cascade(model, args)
     state = contrib.cascade_init(encode(jnp.asarray(prompts)),
                                  args.max_pulses)
-    field = sal.emergence_init(64, args.history)
+    field = sal.emergence.emergence_init(64, args.history)
     keys = jax.random.split(jax.random.key(args.seed), args.steps)
     progress.set_postfix_str("cascade (one compiled scan)")
     (final, field), history = run(state, field, keys)

@@ -1,4 +1,4 @@
-"""The continual-learning baselines of sal_jax.contrib against numpy."""
+"""The continual-learning baselines of sal_jax.baselines against numpy."""
 
 from __future__ import annotations
 
@@ -9,9 +9,9 @@ import numpy as np
 import optax
 import pytest
 
-from sal_jax import contrib
-from sal_jax._tree_utils import MISSING_PARAMS_MESSAGE
-from sal_jax.contrib._momentum_filter import _top_fraction_mask
+from sal_jax import baselines
+from sal_jax._common.tree_utils import MISSING_PARAMS_MESSAGE
+from sal_jax.baselines._momentum_filter import _top_fraction_mask
 from conftest import enable_x64
 
 TOL = dict(rtol=2e-5, atol=1e-6)
@@ -110,14 +110,14 @@ def _np_upgd(params, grads, lr, beta, wd):
 # ---------------------------------------------------------------- factories
 
 FACTORIES = {
-    "ewc": lambda: contrib.ewc(2.0),
-    "streaming_ewc": lambda: contrib.streaming_ewc(2.0, 0.9, 0.8),
-    "streaming_mas": lambda: contrib.streaming_mas(2.0, 0.9, 0.8),
-    "streaming_si": lambda: contrib.streaming_si(2.0, 0.1, 0.9, 0.8),
-    "l2_init": lambda: contrib.l2_init(2.0),
-    "upgd": lambda: contrib.upgd(0.1, 0.9, 0.01, 0.01, key=3),
-    "weight_average": lambda: contrib.weight_average(0.9),
-    "momentum_filter": lambda: contrib.momentum_filter(0.1, fraction=0.5),
+    "ewc": lambda: baselines.ewc(2.0),
+    "streaming_ewc": lambda: baselines.streaming_ewc(2.0, 0.9, 0.8),
+    "streaming_mas": lambda: baselines.streaming_mas(2.0, 0.9, 0.8),
+    "streaming_si": lambda: baselines.streaming_si(2.0, 0.1, 0.9, 0.8),
+    "l2_init": lambda: baselines.l2_init(2.0),
+    "upgd": lambda: baselines.upgd(0.1, 0.9, 0.01, 0.01, key=3),
+    "weight_average": lambda: baselines.weight_average(0.9),
+    "momentum_filter": lambda: baselines.momentum_filter(0.1, fraction=0.5),
 }
 
 
@@ -150,7 +150,7 @@ def test_jitted_chain_compiles_once(name):
   for i, g in enumerate(grads):
     p, state = step(p, state, _f32(g))
     if name == "ewc" and i == 1:  # a task boundary between steps
-      state = contrib.ewc_consolidate(state, p, jax.tree.map(jnp.ones_like, p))
+      state = baselines.ewc_consolidate(state, p, jax.tree.map(jnp.ones_like, p))
   assert len(traces) == 1
   for leaf in jax.tree.leaves(state):
     assert isinstance(leaf, jax.Array)
@@ -204,7 +204,7 @@ def test_float64_and_complex_params_under_x64(name):
     tx = FACTORIES[name]()
     state0 = state = tx.init(params)
     if name == "ewc":
-      state0 = state = contrib.ewc_consolidate(
+      state0 = state = baselines.ewc_consolidate(
           state, params, jax.tree.map(lambda p: jnp.abs(p) ** 2, params))
     update = jax.jit(tx.update)
     for i in range(3):
@@ -226,20 +226,20 @@ def test_float64_and_complex_params_under_x64(name):
 
 
 @pytest.mark.parametrize("make, match", [
-    (lambda: contrib.ewc(-1.0), "strength"),
-    (lambda: contrib.l2_init(-0.1), "strength"),
-    (lambda: contrib.streaming_ewc(1.0, importance_decay=1.0),
+    (lambda: baselines.ewc(-1.0), "strength"),
+    (lambda: baselines.l2_init(-0.1), "strength"),
+    (lambda: baselines.streaming_ewc(1.0, importance_decay=1.0),
      "importance_decay"),
-    (lambda: contrib.streaming_mas(1.0, anchor_decay=-0.1), "anchor_decay"),
-    (lambda: contrib.streaming_si(1.0, damping=0.0), "damping"),
-    (lambda: contrib.streaming_si(float("nan")), "strength"),
-    (lambda: contrib.upgd(0.0), "learning_rate"),
-    (lambda: contrib.upgd(0.1, utility_decay=1.0), "utility_decay"),
-    (lambda: contrib.upgd(0.1, noise_std=-1.0), "noise_std"),
-    (lambda: contrib.upgd(0.1, weight_decay=-1.0), "weight_decay"),
-    (lambda: contrib.weight_average(1.0), "decay"),
-    (lambda: contrib.momentum_filter(0.1, fraction=0.0), "fraction"),
-    (lambda: contrib.momentum_filter(0.1, fraction=1.5), "fraction"),
+    (lambda: baselines.streaming_mas(1.0, anchor_decay=-0.1), "anchor_decay"),
+    (lambda: baselines.streaming_si(1.0, damping=0.0), "damping"),
+    (lambda: baselines.streaming_si(float("nan")), "strength"),
+    (lambda: baselines.upgd(0.0), "learning_rate"),
+    (lambda: baselines.upgd(0.1, utility_decay=1.0), "utility_decay"),
+    (lambda: baselines.upgd(0.1, noise_std=-1.0), "noise_std"),
+    (lambda: baselines.upgd(0.1, weight_decay=-1.0), "weight_decay"),
+    (lambda: baselines.weight_average(1.0), "decay"),
+    (lambda: baselines.momentum_filter(0.1, fraction=0.0), "fraction"),
+    (lambda: baselines.momentum_filter(0.1, fraction=1.5), "fraction"),
 ])
 def test_bad_hyperparameters_raise(make, match):
   with pytest.raises(ValueError, match=match):
@@ -248,12 +248,12 @@ def test_bad_hyperparameters_raise(make, match):
 
 def test_inject_hyperparams_arrays_skip_validation():
   params = {"w": jnp.ones(2)}
-  tx = optax.inject_hyperparams(contrib.streaming_si)(
+  tx = optax.inject_hyperparams(baselines.streaming_si)(
       strength=1.0, importance_decay=0.9)
   state = tx.init(params)
   out, state = jax.jit(tx.update)({"w": jnp.ones(2)}, state, params)
   np.testing.assert_allclose(out["w"], [1.0, 1.0])
-  tx = optax.inject_hyperparams(contrib.upgd, static_args=("key",))(
+  tx = optax.inject_hyperparams(baselines.upgd, static_args=("key",))(
       learning_rate=0.1, noise_std=0.0)
   state = tx.init(params)
   out, state = jax.jit(tx.update)({"w": jnp.ones(2)}, state, params)
@@ -266,7 +266,7 @@ def test_inject_hyperparams_arrays_skip_validation():
 
 def test_l2_init_matches_numpy():
   params, grads = _trajectory(4)
-  outs, _ = _run(contrib.l2_init(0.7), params, grads)
+  outs, _ = _run(baselines.l2_init(0.7), params, grads)
   expected = [{k: g[k] + 0.7 * (p[k] - params[0][k]) for k in SHAPES}
               for p, g in zip(params, grads)]
   _assert_trees_close(outs, expected)
@@ -277,7 +277,7 @@ def test_l2_init_matches_numpy():
 
 def test_ewc_is_a_pass_through_before_consolidation():
   params, grads = _trajectory(3)
-  outs, _ = _run(contrib.ewc(100.0), params, grads)
+  outs, _ = _run(baselines.ewc(100.0), params, grads)
   _assert_trees_close(outs, grads)
 
 
@@ -289,9 +289,9 @@ def test_ewc_classic_equals_sum_of_task_penalties():
   fishers = [{k: rng.uniform(size=s) for k, s in SHAPES.items()}
              for _ in range(3)]
   fishers[0]["b"][0] = 0.0  # a zero Fisher entry in one task
-  tx = contrib.ewc(0.5)
+  tx = baselines.ewc(0.5)
   state = tx.init(_f32(params[0]))
-  consolidate = jax.jit(contrib.ewc_consolidate)
+  consolidate = jax.jit(baselines.ewc_consolidate)
   for a, f in zip(anchors, fishers):
     state = consolidate(state, _f32(a), _f32(f))
   assert int(state.consolidations) == 3
@@ -305,30 +305,30 @@ def test_ewc_classic_equals_sum_of_task_penalties():
 
 def test_ewc_online_decay_and_reanchoring():
   p0 = {"w": jnp.zeros(2)}
-  tx = optax.chain(contrib.ewc(1.0), optax.sgd(0.1))
+  tx = optax.chain(baselines.ewc(1.0), optax.sgd(0.1))
   state = tx.init(p0)
   f1 = {"w": jnp.array([4.0, 0.0])}
   f2 = {"w": jnp.array([0.0, 2.0])}
-  state = contrib.ewc_consolidate(state, {"w": jnp.ones(2)}, f1, online=True,
+  state = baselines.ewc_consolidate(state, {"w": jnp.ones(2)}, f1, online=True,
                                   decay=0.5)
-  state = contrib.ewc_consolidate(state, {"w": jnp.full(2, 3.0)}, f2,
+  state = baselines.ewc_consolidate(state, {"w": jnp.full(2, 3.0)}, f2,
                                   online=True, decay=0.5)
   ewc_state = state[0]
   np.testing.assert_allclose(ewc_state.importance["w"], [2.0, 2.0])
   np.testing.assert_allclose(ewc_state.anchor["w"], [3.0, 3.0])
   assert isinstance(state[1], type(tx.init(p0)[1]))  # the rest is untouched
   with pytest.raises(ValueError, match="online=True"):
-    contrib.ewc_consolidate(state, p0, f1, decay=0.5)
+    baselines.ewc_consolidate(state, p0, f1, decay=0.5)
   with pytest.raises(ValueError, match="exactly one EwcState"):
-    contrib.ewc_consolidate(optax.sgd(0.1).init(p0), p0, f1)
+    baselines.ewc_consolidate(optax.sgd(0.1).init(p0), p0, f1)
   with pytest.raises(ValueError, match="decay"):
-    contrib.ewc_consolidate(state, p0, f1, online=True, decay=1.5)
+    baselines.ewc_consolidate(state, p0, f1, online=True, decay=1.5)
 
 
 def test_ewc_pulls_toward_anchor_after_consolidation():
   anchor = {"w": jnp.array([1.0, -1.0, 0.5])}
-  tx = optax.chain(contrib.ewc(1.0), optax.sgd(0.2))
-  state = contrib.ewc_consolidate(tx.init(anchor), anchor,
+  tx = optax.chain(baselines.ewc(1.0), optax.sgd(0.2))
+  state = baselines.ewc_consolidate(tx.init(anchor), anchor,
                                   {"w": jnp.array([1.0, 1.0, 0.0])})
   p = {"w": jnp.array([3.0, 2.0, 4.0])}
   step = jax.jit(tx.update)
@@ -350,7 +350,7 @@ def test_empirical_fisher_is_mean_squared_per_example_gradient():
     xi, yi = example
     return 0.5 * (xi @ p["w"] + p["b"] - yi) ** 2
 
-  fisher = jax.jit(lambda p, d: contrib.empirical_fisher(loss, p, d))(
+  fisher = jax.jit(lambda p, d: baselines.empirical_fisher(loss, p, d))(
       params, (x, y))
   r = x @ np.asarray(params["w"]) + 0.3 - y  # dloss/dpred per example
   np.testing.assert_allclose(fisher["w"], np.mean((r[:, None] * x) ** 2, 0),
@@ -385,9 +385,9 @@ def test_ewc_forgets_the_first_task_less_than_sgd():
       jnp.zeros(d))
   loss_a_before = float(loss(w_a, (x_a, y_a)))
 
-  ewc_tx = optax.chain(contrib.ewc(5.0), optax.sgd(0.05))
-  fisher = contrib.empirical_fisher(loss, w_a, (x_a, y_a))
-  ewc_state = contrib.ewc_consolidate(ewc_tx.init(w_a), w_a, fisher)
+  ewc_tx = optax.chain(baselines.ewc(5.0), optax.sgd(0.05))
+  fisher = baselines.empirical_fisher(loss, w_a, (x_a, y_a))
+  ewc_state = baselines.ewc_consolidate(ewc_tx.init(w_a), w_a, fisher)
   w_sgd, _ = jax.jit(lambda w: train(sgd, w, sgd.init(w), x_b, y_b))(w_a)
   w_ewc, _ = jax.jit(lambda w, s: train(ewc_tx, w, s, x_b, y_b))(
       w_a, ewc_state)
@@ -407,7 +407,7 @@ def test_ewc_forgets_the_first_task_less_than_sgd():
                                           ("streaming_mas", np.abs)])
 def test_streaming_ewc_mas_match_numpy(name, signal):
   params, grads = _trajectory(6, seed=5)
-  factory = getattr(contrib, name)
+  factory = getattr(baselines, name)
   outs, state = _run(factory(1.5, importance_decay=0.7, anchor_decay=0.6),
                      params, grads)
   _assert_trees_close(outs, _np_streaming(params, grads, 1.5, 0.7, 0.6,
@@ -420,7 +420,7 @@ def test_streaming_ewc_mas_match_numpy(name, signal):
 def test_streaming_importance_follows_gradient_size(name):
   # Coordinate 0 gets large gradients, coordinate 1 small ones; both are
   # displaced from the anchor by the same amount afterwards.
-  tx = optax.chain(getattr(contrib, name)(1.0, importance_decay=0.9,
+  tx = optax.chain(getattr(baselines, name)(1.0, importance_decay=0.9,
                                           anchor_decay=0.99),
                    optax.sgd(0.1))
   p = {"w": jnp.zeros(2)}
@@ -439,13 +439,13 @@ def test_streaming_importance_follows_gradient_size(name):
                                   "streaming_si"])
 def test_zero_strength_is_identity(name):
   params, grads = _trajectory(4, seed=6)
-  outs, _ = _run(getattr(contrib, name)(0.0), params, grads)
+  outs, _ = _run(getattr(baselines, name)(0.0), params, grads)
   _assert_trees_close(outs, grads)
 
 
 def test_streaming_si_matches_numpy():
   params, grads = _trajectory(7, seed=7)
-  outs, state = _run(contrib.streaming_si(1.3, damping=0.2,
+  outs, state = _run(baselines.streaming_si(1.3, damping=0.2,
                                           importance_decay=0.8,
                                           anchor_decay=0.7), params, grads)
   expected, importances = _np_streaming_si(params, grads, 1.3, 0.2, 0.8, 0.7)
@@ -461,7 +461,7 @@ def test_streaming_si_importance_is_the_path_integral_under_sgd():
   # Under plain SGD the path integral -g_{t-1} (theta_t - theta_{t-1}) =
   # lr * g_{t-1}**2 >= 0: the coordinate that did the work gets importance.
   lr = 0.1
-  si = contrib.streaming_si(1.0, damping=0.1, importance_decay=0.9,
+  si = baselines.streaming_si(1.0, damping=0.1, importance_decay=0.9,
                             anchor_decay=0.9)
   curvature = jnp.array([1.0, 0.0])
   p = {"w": jnp.array([2.0, 2.0])}
@@ -479,7 +479,7 @@ def test_streaming_si_importance_is_the_path_integral_under_sgd():
 
 def test_upgd_without_noise_matches_numpy():
   params, grads = _trajectory(6, seed=8)
-  outs, state = _run(contrib.upgd(0.05, utility_decay=0.8, noise_std=0.0,
+  outs, state = _run(baselines.upgd(0.05, utility_decay=0.8, noise_std=0.0,
                                   weight_decay=0.1), params, grads)
   _assert_trees_close(outs, _np_upgd(params, grads, 0.05, 0.8, 0.1))
   assert int(state.count) == 6
@@ -489,7 +489,7 @@ def test_upgd_non_positive_max_utility_is_guarded():
   # u = -g * theta <= 0 everywhere: no division by zero, no sign flip.
   params = [{"w": np.ones(SHAPES["w"]), "b": np.zeros(SHAPES["b"])}]
   grads = [{"w": np.ones(SHAPES["w"]), "b": np.ones(SHAPES["b"])}]
-  outs, _ = _run(contrib.upgd(0.1, noise_std=0.0), params, grads)
+  outs, _ = _run(baselines.upgd(0.1, noise_std=0.0), params, grads)
   np.testing.assert_allclose(outs[0]["w"], -0.1)  # s = 0: full step
   np.testing.assert_allclose(outs[0]["b"], -0.05)  # s = 1/2
   _assert_trees_close(outs, _np_upgd(params, grads, 0.1, 0.999, 0.0))
@@ -497,7 +497,7 @@ def test_upgd_non_positive_max_utility_is_guarded():
 
 def test_upgd_noise_is_deterministic_given_the_key():
   params, grads = _trajectory(3, seed=9)
-  run = lambda key: _run(contrib.upgd(0.1, noise_std=0.5, key=key),
+  run = lambda key: _run(baselines.upgd(0.1, noise_std=0.5, key=key),
                          params, grads)[0]
   a, b, c = run(7), run(7), run(8)
   _assert_trees_close(a, b, rtol=0, atol=0)
@@ -506,7 +506,7 @@ def test_upgd_noise_is_deterministic_given_the_key():
   _assert_trees_close(typed, a, rtol=0, atol=0)
   _assert_trees_close(raw, a, rtol=0, atol=0)
   # Steps draw fresh noise.
-  tx = contrib.upgd(1.0, noise_std=1.0)
+  tx = baselines.upgd(1.0, noise_std=1.0)
   p = {"w": jnp.zeros(4096)}
   state = tx.init(p)
   first, state = tx.update({"w": jnp.zeros(4096)}, state, p)
@@ -519,7 +519,7 @@ def test_upgd_noise_is_deterministic_given_the_key():
 def test_upgd_protects_high_utility_weights():
   # Same gradient magnitude; weight 0 is useful (-g * theta > 0), weight 1
   # is not. The useful one moves less, step after step.
-  tx = contrib.upgd(0.01, utility_decay=0.9, noise_std=0.001, key=1)
+  tx = baselines.upgd(0.01, utility_decay=0.9, noise_std=0.001, key=1)
   p = {"w": jnp.array([1.0, 1.0])}
   g = {"w": jnp.array([-1.0, 1.0])}
   state = tx.init(p)
@@ -536,7 +536,7 @@ def test_upgd_protects_high_utility_weights():
 
 def test_weight_average_matches_numpy_and_passes_updates():
   params, grads = _trajectory(6)
-  tx = optax.chain(optax.sgd(0.1), contrib.weight_average(0.8))
+  tx = optax.chain(optax.sgd(0.1), baselines.weight_average(0.8))
   p = _f32(params[0])
   state = tx.init(p)
   average, weight = {k: np.zeros(s) for k, s in SHAPES.items()}, 0.0
@@ -549,14 +549,14 @@ def test_weight_average_matches_numpy_and_passes_updates():
       current[k] = current[k] - 0.1 * g[k]
       average[k] = 0.8 * average[k] + 0.2 * current[k]
     weight = 0.8 * weight + 0.2
-  got = contrib.averaged_params(state)
+  got = baselines.averaged_params(state)
   for k in SHAPES:
     np.testing.assert_allclose(got[k], average[k] / weight, **TOL)
 
 
 def test_averaged_params_needs_exactly_one_state():
   with pytest.raises(ValueError, match="exactly one WeightAverageState"):
-    contrib.averaged_params(optax.adam(1e-3).init(jnp.zeros(2)))
+    baselines.averaged_params(optax.adam(1e-3).init(jnp.zeros(2)))
 
 
 # ---------------------------------------------------------------- MoFO
@@ -565,7 +565,7 @@ def test_averaged_params_needs_exactly_one_state():
 def test_momentum_filter_matches_numpy_adam_on_the_top_fraction():
   params, grads = _trajectory(5)
   fraction, b1, b2, eps = 0.5, 0.9, 0.999, 1e-8
-  outs, _ = _run(contrib.scale_by_momentum_filter(fraction), params, grads)
+  outs, _ = _run(baselines.scale_by_momentum_filter(fraction), params, grads)
   m = {k: np.zeros(s) for k, s in SHAPES.items()}
   v = {k: np.zeros(s) for k, s in SHAPES.items()}
   for t, (g, out) in enumerate(zip(grads, outs), start=1):
@@ -582,7 +582,7 @@ def test_momentum_filter_matches_numpy_adam_on_the_top_fraction():
 
 def test_momentum_filter_with_fraction_one_is_adam():
   params, grads = _trajectory(4)
-  outs, _ = _run(contrib.momentum_filter(0.01, fraction=1.0), params, grads)
+  outs, _ = _run(baselines.momentum_filter(0.01, fraction=1.0), params, grads)
   adam, _ = _run(optax.adam(0.01), params, grads)
   _assert_trees_close(outs, adam, rtol=1e-5, atol=1e-7)
 
@@ -592,7 +592,7 @@ def test_momentum_filter_fraction_may_be_traced():
 
   @jax.jit
   def first_update(fraction):
-    tx = contrib.scale_by_momentum_filter(fraction)
+    tx = baselines.scale_by_momentum_filter(fraction)
     return tx.update(_f32(grads[0]), tx.init(_f32(params[0])))[0]
 
   assert int((first_update(0.5)["w"] != 0).sum()) == 3
@@ -602,7 +602,7 @@ def test_momentum_filter_fraction_may_be_traced():
 def _nnx_ewc_optimizer():
   nnx = pytest.importorskip("flax.nnx")
   model = nnx.Linear(3, 2, rngs=nnx.Rngs(0))
-  optimizer = nnx.Optimizer(model, optax.chain(contrib.ewc(1.0),
+  optimizer = nnx.Optimizer(model, optax.chain(baselines.ewc(1.0),
                                                optax.sgd(0.1)),
                             wrt=nnx.Param)
   return nnx, model, optimizer, nnx.state(model, nnx.Param)
@@ -611,7 +611,7 @@ def _nnx_ewc_optimizer():
 def test_ewc_consolidate_an_nnx_optimizer_in_place():
   nnx, model, optimizer, params = _nnx_ewc_optimizer()
   fisher = jax.tree.map(lambda p: jnp.abs(p[...]) + 1.0, params)
-  assert contrib.ewc_consolidate(optimizer, params, fisher) is optimizer
+  assert baselines.ewc_consolidate(optimizer, params, fisher) is optimizer
   state = optimizer.opt_state[0]
   for omega, anchor, f, p in zip(
       jax.tree.leaves(state.importance), jax.tree.leaves(state.anchor),
@@ -637,7 +637,7 @@ def test_ewc_consolidate_rejects_an_nnx_state_outside_its_optimizer():
   fisher = jax.tree.map(lambda p: jnp.ones_like(p[...]), params)
   # Its Variables could not be updated in place: ask for the optimizer.
   with pytest.raises(ValueError, match="pass the nnx.Optimizer itself"):
-    contrib.ewc_consolidate(optimizer.opt_state, params, fisher)
+    baselines.ewc_consolidate(optimizer.opt_state, params, fisher)
 
 
 @pytest.mark.parametrize("fraction", [1e-3, 0.01, 0.1, 0.37, 0.5, 1.0])

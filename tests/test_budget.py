@@ -7,7 +7,7 @@ import optax
 import pytest
 
 import sal_jax as sal
-from sal_jax import _budget
+from sal_jax._protect import budget as _budget
 
 
 def _step(state, drift, budget=0.1, gains=(0.05, 0.5), active=True):

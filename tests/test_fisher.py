@@ -9,6 +9,7 @@ import optax
 import pytest
 
 import sal_jax as sal
+from sal_jax._common import nnx_interop
 
 IN, HIDDEN, CLASSES, N = 5, 7, 3, 20
 
@@ -293,7 +294,7 @@ def test_consolidate_an_nnx_optimizer_in_place():
   fisher = jax.tree.map(lambda p: jnp.square(p) + 1.0, params)
   assert sal.consolidate(optimizer, params, fisher) is optimizer
   est = _protect_state(optimizer).estimator_state
-  plain = jax.tree.leaves(sal._nnx_interop.unwrap_variables(params))
+  plain = jax.tree.leaves(nnx_interop.unwrap_variables(params))
   f_leaves = [jnp.square(p) + 1.0 for p in plain]
   mean = sum(jnp.sum(f) for f in f_leaves) / sum(f.size for f in f_leaves)
   for a, c, p, f in zip(jax.tree.leaves(est.anchor),

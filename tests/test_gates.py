@@ -28,7 +28,7 @@ def _gate_id(case):
 @pytest.mark.parametrize("case", GATE["cases"], ids=_gate_id)
 def test_stability_gate_cases(case):
   fn = jax.jit(functools.partial(
-      sal.stability_gate, gate_type=case["gate_type"],
+      sal.analysis.stability_gate, gate_type=case["gate_type"],
       threshold=case["threshold"], steepness=case["steepness"]))
   out = fn(as_array(GATE["gradient"]), case["stability_score"])
   assert out.dtype == jnp.float32
@@ -41,20 +41,20 @@ def test_stability_gate_defaults():
   case = next(c for c in GATE["cases"]
               if (c["gate_type"], c["threshold"], c["steepness"]) ==
               ("soft", 0.5, 10.0) and c["stability_score"] == 0.7)
-  np.testing.assert_allclose(sal.stability_gate(as_array(GATE["gradient"]), 0.7),
+  np.testing.assert_allclose(sal.analysis.stability_gate(as_array(GATE["gradient"]), 0.7),
                              as_array(case["output"]), **ARRAY_TOL)
 
 
 @pytest.mark.parametrize("gate_type", ["hard", "linear"])
 def test_stability_gate_score_on_threshold_passes(gate_type):
   g = as_array(GATE["gradient"])
-  np.testing.assert_array_equal(sal.stability_gate(g, 0.5, gate_type, 0.5), g)
+  np.testing.assert_array_equal(sal.analysis.stability_gate(g, 0.5, gate_type, 0.5), g)
 
 
 def test_stability_gate_unknown_type():
   assert GATE["unknown_gate_type"] == {"raises": "ValueError"}
   with pytest.raises(ValueError, match="gate_type"):
-    sal.stability_gate(jnp.ones(3), 0.5, "bogus")
+    sal.analysis.stability_gate(jnp.ones(3), 0.5, "bogus")
 
 
 @pytest.mark.parametrize("case", GUARD,
@@ -85,7 +85,7 @@ def test_loss_guard_cases(case):
                   st.sampled_from(["soft", "hard", "linear"]))
 def test_stability_gate_factor_in_unit_interval(score, threshold, gate_type):
   g = jnp.array([1.0, -2.0, 0.5])
-  factor = np.asarray(sal.stability_gate(g, score, gate_type, threshold)) / g
+  factor = np.asarray(sal.analysis.stability_gate(g, score, gate_type, threshold)) / g
   assert np.all(factor >= 0.0) and np.all(factor <= 1.0 + 1e-6)
   if gate_type == "hard":
     assert set(np.unique(factor)) <= {0.0, 1.0}

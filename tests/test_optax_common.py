@@ -10,7 +10,7 @@ rate schedules. This module imports that file from the installed optax and
 runs every one of its checks, with the parameter grid optax itself uses
 (read from the generated test methods), over every transformation sal_jax
 exports: ``protect`` with each estimator and granularity, and each baseline
-of :mod:`sal_jax.contrib`; the dtype check also in complex128. A check or a
+of :mod:`sal_jax.baselines`; the dtype check also in complex128. A check or a
 dtype that a later optax adds runs here too, unchanged. The cases not run,
 or expected to fail, say why beside them (``_known_outcome``).
 
@@ -30,7 +30,7 @@ import pytest
 from optax.contrib import _common_test as optax_common
 
 import sal_jax as sal
-from sal_jax import contrib
+from sal_jax import baselines
 
 # Without `from __future__ import annotations`: optax's schedule check reads
 # the `learning_rate` annotation as an object.
@@ -52,15 +52,15 @@ def ewc_adam(learning_rate: optax.ScalarOrSchedule, strength):
 
   Before a consolidation EWC passes updates through; one task boundary at
   ``init`` (a unit Fisher, anchored at the initial params) makes the checks
-  run the penalty and the state :func:`~sal_jax.contrib.ewc_consolidate`
+  run the penalty and the state :func:`~sal_jax.baselines.ewc_consolidate`
   writes.
   """
-  tx = optax.chain(contrib.ewc(strength), optax.adam(learning_rate))
+  tx = optax.chain(baselines.ewc(strength), optax.adam(learning_rate))
 
   def init_fn(params):
     fisher = jax.tree.map(
         lambda p: jnp.ones(jnp.shape(p), jnp.finfo(p.dtype).dtype), params)
-    return contrib.ewc_consolidate(tx.init(params), params, fisher)
+    return baselines.ewc_consolidate(tx.init(params), params, fisher)
 
   return optax.GradientTransformationExtraArgs(init_fn, tx.update)
 
@@ -68,20 +68,20 @@ def ewc_adam(learning_rate: optax.ScalarOrSchedule, strength):
 # The baselines' own signatures, learning rate first: inject_hyperparams
 # reads the factory's signature, so these cannot be one **kwargs function.
 def l2_init_adam(learning_rate: optax.ScalarOrSchedule, strength):
-  return optax.chain(contrib.l2_init(strength), optax.adam(learning_rate))
+  return optax.chain(baselines.l2_init(strength), optax.adam(learning_rate))
 
 
 def streaming_ewc_adam(learning_rate: optax.ScalarOrSchedule, strength,
                        importance_decay=0.999, anchor_decay=0.999):
   return optax.chain(
-      contrib.streaming_ewc(strength, importance_decay, anchor_decay),
+      baselines.streaming_ewc(strength, importance_decay, anchor_decay),
       optax.adam(learning_rate))
 
 
 def streaming_mas_adam(learning_rate: optax.ScalarOrSchedule, strength,
                        importance_decay=0.999, anchor_decay=0.999):
   return optax.chain(
-      contrib.streaming_mas(strength, importance_decay, anchor_decay),
+      baselines.streaming_mas(strength, importance_decay, anchor_decay),
       optax.adam(learning_rate))
 
 
@@ -89,29 +89,29 @@ def streaming_si_adam(learning_rate: optax.ScalarOrSchedule, strength,
                       damping=0.1, importance_decay=0.999,
                       anchor_decay=0.999):
   return optax.chain(
-      contrib.streaming_si(strength, damping, importance_decay,
+      baselines.streaming_si(strength, damping, importance_decay,
                            anchor_decay),
       optax.adam(learning_rate))
 
 
 def upgd(learning_rate: optax.ScalarOrSchedule, utility_decay=0.999,
          noise_std=0.001, weight_decay=0.0):
-  """:func:`sal_jax.contrib.upgd`, a complete optimizer (run alone)."""
-  return contrib.upgd(learning_rate, utility_decay, noise_std, weight_decay)
+  """:func:`sal_jax.baselines.upgd`, a complete optimizer (run alone)."""
+  return baselines.upgd(learning_rate, utility_decay, noise_std, weight_decay)
 
 
 def adam_weight_average(learning_rate: optax.ScalarOrSchedule, decay=0.999):
-  """adam followed by :func:`sal_jax.contrib.weight_average` (it must see
+  """adam followed by :func:`sal_jax.baselines.weight_average` (it must see
   the final updates)."""
-  return optax.chain(optax.adam(learning_rate), contrib.weight_average(decay))
+  return optax.chain(optax.adam(learning_rate), baselines.weight_average(decay))
 
 
 def momentum_filter(learning_rate: optax.ScalarOrSchedule, fraction=0.5,
                     b1=0.9, b2=0.999):
-  """:func:`sal_jax.contrib.momentum_filter` (MoFO), a complete optimizer;
-  it is :func:`~sal_jax.contrib.scale_by_momentum_filter` with a learning
+  """:func:`sal_jax.baselines.momentum_filter` (MoFO), a complete optimizer;
+  it is :func:`~sal_jax.baselines.scale_by_momentum_filter` with a learning
   rate, so it covers that too."""
-  return contrib.momentum_filter(learning_rate, fraction, b1, b2)
+  return baselines.momentum_filter(learning_rate, fraction, b1, b2)
 
 
 FACTORIES = {f"sal_{f.__name__}": f for f in (
@@ -299,7 +299,7 @@ def _exported_transformations():
   """The names of every function sal_jax exports that returns a
   transformation (read from the return annotations)."""
   found = []
-  for module, prefix in ((sal, ""), (contrib, "contrib.")):
+  for module, prefix in ((sal, ""), (baselines, "baselines.")):
     for name in module.__all__:
       fn = getattr(module, name)
       if (inspect.isfunction(fn) and "GradientTransformation"
@@ -322,7 +322,7 @@ def test_grid_covers_every_check_and_transformation():
 
   names = {_optimizer_id(opt) for opt in OPTIMIZERS}
   exported = _exported_transformations()
-  assert "protect" in exported and "contrib.upgd" in exported
+  assert "protect" in exported and "baselines.upgd" in exported
   for name in exported:
     if name == "protect":
       assert {f"protect-{e}-{g}" for e in sal.ESTIMATORS
@@ -331,5 +331,5 @@ def test_grid_covers_every_check_and_transformation():
       # Tested under the name of the factory that wraps them.
       covered_by = {"weight_average": "adam_weight_average",
                     "scale_by_momentum_filter": "momentum_filter"}
-      name = name.removeprefix("contrib.")
+      name = name.removeprefix("baselines.")
       assert covered_by.get(name, name) in names, name

@@ -254,7 +254,7 @@ def test_gradual_drift_is_consolidated_early_without_a_storm():
     # At the end a pull toward the consolidated params is active and finite.
     est = state[0].estimator_state
     force = sal.shift_consolidation_estimator().restoring_force(est, params)
-    norm = float(sal.tree_norm(force))
+    norm = float(sal.analysis.tree_norm(force))
     assert np.isfinite(norm) and norm > 0.0, norm
 
 

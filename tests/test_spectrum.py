@@ -41,7 +41,7 @@ def test_the_recorded_defect_cases_are_the_known_ones():
 
 @pytest.mark.parametrize("case", _CASES, ids=lambda c: str(c["input"]))
 def test_spectrum_cases_python(case):
-  sp = sal.StabilitySpectrum.create(*case["input"])
+  sp = sal.analysis.StabilitySpectrum.create(*case["input"])
   value = case["value"]
   assert all(isinstance(x, float) for x in sp)
   np.testing.assert_allclose(list(sp), value["normalized"], rtol=1e-12)
@@ -55,7 +55,7 @@ def test_spectrum_cases_python(case):
 
 @jax.jit
 def _jitted_spectrum(p, n, v):
-  sp = sal.StabilitySpectrum.create(p, n, v)
+  sp = sal.analysis.StabilitySpectrum.create(p, n, v)
   return sp, sp.is_healthy(), sp.diagnosis_code()
 
 
@@ -68,7 +68,7 @@ def test_spectrum_cases_jnp_under_jit(case):
   assert bool(healthy) == value["is_healthy"]
   expected = (_FIXED_DIAGNOSIS[tuple(case["input"])] if _is_defect(case)
               else value["diagnosis"])
-  assert sal.DIAGNOSES[int(code)] == expected
+  assert sal.analysis.DIAGNOSES[int(code)] == expected
   assert sp.diagnosis() == expected  # concrete jnp fields, host side
 
 
@@ -76,14 +76,14 @@ def test_zero_spectrum_raises_value_error():
   (case,) = [c for c in _SA["spectrum_cases"] if "raises" in c]
   assert case["input"] == [0, 0, 0] and case["raises"] == "ZeroDivisionError"
   with pytest.raises(ValueError, match="sum to 0"):
-    sal.StabilitySpectrum.create(0, 0, 0)
+    sal.analysis.StabilitySpectrum.create(0, 0, 0)
   with pytest.raises(ValueError, match="sum to 0"):
-    sal.StabilitySpectrum.create(*(jnp.float32(0) for _ in range(3)))
+    sal.analysis.StabilitySpectrum.create(*(jnp.float32(0) for _ in range(3)))
 
 
 def test_neutral_out_of_range_is_not_healthy():
   # The original would call this "Healthy" (it never checks the neutral share).
-  sp = sal.StabilitySpectrum(24.0, 48.0, 28.0)
+  sp = sal.analysis.StabilitySpectrum(24.0, 48.0, 28.0)
   assert not sp.is_healthy()
   assert sp.diagnosis() == "Unbalanced: Neutral share outside 50-85%"
 
@@ -91,10 +91,10 @@ def test_neutral_out_of_range_is_not_healthy():
 @hypothesis.settings(max_examples=200, deadline=None)
 @hypothesis.given(st.tuples(*[st.integers(0, 100)] * 3).filter(any))
 def test_diagnosis_agrees_with_is_healthy(triple):
-  sp = sal.StabilitySpectrum.create(*triple)
+  sp = sal.analysis.StabilitySpectrum.create(*triple)
   assert (sp.diagnosis() == _HEALTHY) == sp.is_healthy()
   assert abs(sum(sp) - 100.0) <= 0.1 + 1e-9
-  jsp = sal.StabilitySpectrum(*(jnp.float32(x) for x in sp))
+  jsp = sal.analysis.StabilitySpectrum(*(jnp.float32(x) for x in sp))
   assert bool(jsp.is_healthy()) == sp.is_healthy()
   if all(float(np.float32(x)) == x for x in sp):  # same values in float32
     assert int(jsp.diagnosis_code()) == sp.diagnosis_code()
@@ -102,7 +102,7 @@ def test_diagnosis_agrees_with_is_healthy(triple):
 
 def _final_scores(key):
   kw = dict(_SA["analyzer_defaults"], **_SA["final"][key]["constructor_kwargs"])
-  an = sal.StabilityAnalyzer(**kw)
+  an = sal.analysis.StabilityAnalyzer(**kw)
   state = an.init(param_dict(_SA["initial_params"]))
   update = jax.jit(an.update)
   for step in _SA["steps"]:
@@ -114,7 +114,7 @@ def _final_scores(key):
 def test_final_spectrum_of_replayed_run(key):
   an, scores = _final_scores(key)
   final = _SA["final"][key]
-  sp = jax.jit(sal.spectrum, static_argnums=(1, 2))(
+  sp = jax.jit(sal.analysis.spectrum, static_argnums=(1, 2))(
       scores, an.protected_threshold, an.volatile_threshold)
   rec = final["spectrum"]
   np.testing.assert_allclose(
@@ -125,20 +125,20 @@ def test_final_spectrum_of_replayed_run(key):
 
 
 def test_spectrum_counts_elements_of_array_leaves_and_empty_tree():
-  sp = sal.spectrum({"a": jnp.array([0.9, 0.1]), "b": 0.5, "c": 0.3})
+  sp = sal.analysis.spectrum({"a": jnp.array([0.9, 0.1]), "b": 0.5, "c": 0.3})
   assert [float(x) for x in sp] == [25.0, 25.0, 50.0]
-  assert [float(x) for x in sal.spectrum({})] == [0.0, 100.0, 0.0]
+  assert [float(x) for x in sal.analysis.spectrum({})] == [0.0, 100.0, 0.0]
   with pytest.raises(ValueError, match="threshold"):
-    sal.spectrum({"a": 0.5}, 0.2, 0.4)
+    sal.analysis.spectrum({"a": 0.5}, 0.2, 0.4)
 
 
 @hypothesis.settings(max_examples=50, deadline=None)
 @hypothesis.given(st.lists(st.floats(0, 1, width=32), min_size=1, max_size=20))
 def test_spectrum_sums_to_100_and_matches_classify(xs):
   scores = {f"p{i}": np.float32(x) for i, x in enumerate(xs)}
-  sp = sal.spectrum(scores)
+  sp = sal.analysis.spectrum(scores)
   assert abs(sum(float(x) for x in sp) - 100.0) < 1e-3
-  codes = sal.state_names(sal.classify(scores))
+  codes = sal.analysis.state_names(sal.analysis.classify(scores))
   n = len(xs)
   for field, name in zip(sp, ("protected", "neutral", "volatile")):
     assert 0.0 <= float(field) <= 100.0
@@ -162,7 +162,7 @@ def _zeros_params(case):
 def test_protect_mask_cases(case):
   params = _zeros_params(case)
   assert list(params) == list(case["masks"])
-  masks = jax.jit(sal.protect_mask, static_argnums=2)(
+  masks = jax.jit(sal.analysis.protect_mask, static_argnums=2)(
       case["scores"], params, case["threshold"])
   for name, rec in case["masks"].items():
     assert masks[name].shape == tuple(rec["shape"])
@@ -177,23 +177,23 @@ def test_protect_mask_threshold_one_raises_value_error():
   assert case["threshold"] == 1.0 and case["raises"] == "ZeroDivisionError"
   params = {"0.weight": jnp.zeros((8, 4))}
   with pytest.raises(ValueError, match="threshold"):
-    sal.protect_mask(case["scores"], params, case["threshold"])
+    sal.analysis.protect_mask(case["scores"], params, case["threshold"])
   for bad in (1.5, -0.1, float("nan")):
     with pytest.raises(ValueError, match="threshold"):
-      sal.protect_mask({"0.weight": 0.5}, params, bad)
+      sal.analysis.protect_mask({"0.weight": 0.5}, params, bad)
 
 
 def test_protect_mask_general_pytrees():
   params = (jnp.ones((2, 3), jnp.bfloat16), {"b": jnp.ones(4)})
-  masks = sal.protect_mask((0.85, {"b": jnp.array(0.2)}), params, 0.7)
+  masks = sal.analysis.protect_mask((0.85, {"b": jnp.array(0.2)}), params, 0.7)
   assert masks[0].dtype == jnp.bfloat16 and masks[0].shape == (2, 3)
   np.testing.assert_allclose(np.float32(masks[0]), 0.5, rtol=1e-2)
   np.testing.assert_allclose(masks[1]["b"], np.ones(4))
   with pytest.raises(ValueError, match="structure"):
-    sal.protect_mask((0.85,), params)
+    sal.analysis.protect_mask((0.85,), params)
   # Nested mappings: a missing sub-dict gets 0.5, one score covers a sub-tree.
   nested = {"enc": {"w": jnp.ones(2)}, "dec": {"w": jnp.ones(3)}}
-  m = sal.protect_mask({"enc": 0.85}, nested, 0.7)
+  m = sal.analysis.protect_mask({"enc": 0.85}, nested, 0.7)
   np.testing.assert_allclose(m["enc"]["w"], [0.5, 0.5], rtol=1e-5)
   np.testing.assert_allclose(m["dec"]["w"], [1.0, 1.0, 1.0])
 
@@ -203,10 +203,10 @@ def test_protect_mask_general_pytrees():
 
 def test_stability_summary_fixture():
   rec = _FX["utils"]["stability_summary"]
-  out = jax.jit(sal.stability_summary)(rec["scores"])
+  out = jax.jit(sal.analysis.stability_summary)(rec["scores"])
   assert set(out) == set(rec["value"])
   for k, v in rec["value"].items():
     np.testing.assert_allclose(float(out[k]), v, rtol=1e-6, atol=1e-6,
                                err_msg=k)
-  empty = sal.stability_summary({})
+  empty = sal.analysis.stability_summary({})
   assert {k: float(v) for k, v in empty.items()} == rec["empty"]

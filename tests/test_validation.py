@@ -14,8 +14,8 @@ import optax
 import pytest
 
 import sal_jax as sal
-from sal_jax import _validation
-from sal_jax import contrib
+from sal_jax._common import validation as _validation
+from sal_jax import baselines
 
 WRONG_TYPES = [
     # (factory, argument, value)
@@ -37,21 +37,21 @@ WRONG_TYPES = [
     (sal.shift_consolidation_estimator, "warmup_steps", 10.0),
     (sal.shift_consolidation_estimator, "noise_multiplier", "3"),
     (sal.shift_consolidation_estimator, "granularity", None),
-    (contrib.ewc, "strength", "100"),
-    (contrib.l2_init, "strength", None),
-    (contrib.streaming_ewc, "importance_decay", "0.999"),
-    (contrib.streaming_mas, "anchor_decay", [0.999]),
-    (contrib.streaming_si, "damping", "0.1"),
-    (contrib.upgd, "learning_rate", "0.1"),
-    (contrib.upgd, "noise_std", True),
+    (baselines.ewc, "strength", "100"),
+    (baselines.l2_init, "strength", None),
+    (baselines.streaming_ewc, "importance_decay", "0.999"),
+    (baselines.streaming_mas, "anchor_decay", [0.999]),
+    (baselines.streaming_si, "damping", "0.1"),
+    (baselines.upgd, "learning_rate", "0.1"),
+    (baselines.upgd, "noise_std", True),
 ]
 
 # What the factories need besides the argument under test.
-_REQUIRED = {contrib.ewc: {"strength": 1.0}, contrib.l2_init: {"strength": 1.0},
-             contrib.streaming_ewc: {"strength": 1.0},
-             contrib.streaming_mas: {"strength": 1.0},
-             contrib.streaming_si: {"strength": 1.0},
-             contrib.upgd: {"learning_rate": 0.1}}
+_REQUIRED = {baselines.ewc: {"strength": 1.0}, baselines.l2_init: {"strength": 1.0},
+             baselines.streaming_ewc: {"strength": 1.0},
+             baselines.streaming_mas: {"strength": 1.0},
+             baselines.streaming_si: {"strength": 1.0},
+             baselines.upgd: {"learning_rate": 0.1}}
 
 
 @pytest.mark.parametrize(
@@ -65,12 +65,12 @@ def test_wrong_type_raises_type_error_naming_the_argument(factory, name,
 
 
 def test_ewc_consolidate_checks_its_arguments():
-  state = contrib.ewc(1.0).init({"w": jnp.zeros(2)})
+  state = baselines.ewc(1.0).init({"w": jnp.zeros(2)})
   params = fisher = {"w": jnp.ones(2)}
   with pytest.raises(TypeError, match="decay"):
-    contrib.ewc_consolidate(state, params, fisher, online=True, decay="0.9")
+    baselines.ewc_consolidate(state, params, fisher, online=True, decay="0.9")
   with pytest.raises(TypeError, match="online"):
-    contrib.ewc_consolidate(state, params, fisher, online="yes")
+    baselines.ewc_consolidate(state, params, fisher, online="yes")
 
 
 @pytest.mark.parametrize("value", [
@@ -80,8 +80,8 @@ def test_numbers_and_scalar_arrays_are_accepted(value):
   sal.protect(threshold=value, threshold_range=(0.1, 1.0),
               estimator="reference")
   sal.protect(restore=value)
-  contrib.streaming_si(value, damping=value)
-  contrib.upgd(value)
+  baselines.streaming_si(value, damping=value)
+  baselines.upgd(value)
 
 
 def test_tracers_are_accepted_and_not_range_checked():
@@ -92,7 +92,7 @@ def test_tracers_are_accepted_and_not_range_checked():
   def step(threshold, restore, strength):
     tx = optax.chain(
         sal.protect(gate="soft", threshold=threshold, restore=restore),
-        contrib.streaming_ewc(strength))
+        baselines.streaming_ewc(strength))
     return tx.update(grads, tx.init(params), params)[0]
 
   # 2.0 would fail the range check as a Python number; a traced value is

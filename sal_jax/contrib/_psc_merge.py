@@ -13,7 +13,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from sal_jax import _tree_utils
+from sal_jax._common import tree_utils as _tree_utils
 
 _COS_EPS = 1e-8
 

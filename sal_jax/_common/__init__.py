@@ -1,0 +1,1 @@
+"""Shared internals: tree checks, hyperparameter validation, nnx interop."""

@@ -1,0 +1,2 @@
+"""The ``protect`` transformation and its parts; public names live in
+``sal_jax``."""
