@@ -135,7 +135,7 @@ def novelty_score(
     x: chex.Array,
     reference: chex.Array | None = None,
 ) -> jax.Array:
-  r"""Novelty of an array against one reference: one minus |cosine|.
+  r"""Novelty of an array against a reference: one minus the absolute cosine.
 
   Both are flattened and L2-normalised (norms :math:`\le 10^{-8}` are left
   as they are); the shorter is zero-padded to the longer;
