@@ -15,7 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-import sal_jax as sal
+from sal_jax import analysis
 from conftest import PARAM_ORDER, SCALAR_TOL, load_fixture, param_dict
 
 _SA = load_fixture()["stability_analyzer"]
@@ -25,7 +25,7 @@ KEYS = sorted(_SA["final"])
 
 def _config(key, running=False):
   kw = dict(_DEFAULTS, **_SA["final"][key]["constructor_kwargs"])
-  return sal.analysis.StabilityAnalyzer(running=running, **kw)
+  return analysis.StabilityAnalyzer(running=running, **kw)
 
 
 def _replay(key, running=False):
@@ -50,7 +50,7 @@ def test_windowed_replay_scores_and_states(key):
       np.testing.assert_allclose(scores[name], rec["scores"][name],
                                  **SCALAR_TOL,
                                  err_msg=f"{key} step {step['step']} {name}")
-    assert sal.analysis.state_names(codes) == rec["states"], (key, step["step"])
+    assert analysis.state_names(codes) == rec["states"], (key, step["step"])
     n += 1
   assert n == 12
 
@@ -59,7 +59,7 @@ def test_windowed_replay_scores_and_states(key):
 def test_windowed_final_records(key):
   *_, (_, scores, codes, state) = _replay(key)
   final = _SA["final"][key]
-  names = sal.analysis.state_names(codes)  # jax returns dicts with sorted keys
+  names = analysis.state_names(codes)  # jax returns dicts with sorted keys
   assert [k for k in PARAM_ORDER if names[k] == "protected"] == (
       final["protected_params"])
   assert [k for k in PARAM_ORDER if names[k] == "volatile"] == (
@@ -87,7 +87,7 @@ def test_running_equals_windowed_until_the_window_wraps(key):
   h = _config(key).history_length
   for step, scores, codes, _ in _replay(key, running=True):
     rec = step["analyzers"][key]
-    assert sal.analysis.state_names(codes) == rec["states"]
+    assert analysis.state_names(codes) == rec["states"]
     if step["step"] + 1 <= h:  # at most H updates so far: exact
       for name in PARAM_ORDER:
         np.testing.assert_allclose(scores[name], rec["scores"][name],
@@ -101,21 +101,22 @@ def test_running_equals_windowed_until_the_window_wraps(key):
 def test_running_memory_does_not_depend_on_history_length():
   params = param_dict(_SA["initial_params"])
   shapes = lambda s: [(x.shape, x.dtype) for x in jax.tree.leaves(s)]
-  small = sal.analysis.analyzer_init(params, 2, running=True)
-  large = sal.analysis.analyzer_init(params, 100_000, running=True)
+  small = analysis.analyzer_init(params, 2, running=True)
+  large = analysis.analyzer_init(params, 100_000, running=True)
   assert shapes(small) == shapes(large)
   size = sum(x.size for x in jax.tree.leaves(large))
   assert size <= 4 * sum(p.size for p in params.values()) + 50
   # The windowed one does grow with H.
-  assert sal.analysis.analyzer_init(params, 7).weights["0.weight"].shape == (7, 8, 4)
+  windowed = analysis.analyzer_init(params, 7)
+  assert windowed.weights["0.weight"].shape == (7, 8, 4)
 
 
 def test_running_anchor_and_variance_match_a_window_on_linear_drift():
   h, b = 5, np.array([0.01, -0.02, 0.03], np.float32)
   w0 = np.array([1.0, 2.0, -1.0], np.float32)
   ws = [w0 + b * t for t in range(200)]
-  update = jax.jit(sal.analysis.analyzer_update)
-  run = sal.analysis.analyzer_init({"w": w0}, h, running=True)
+  update = jax.jit(analysis.analyzer_update)
+  run = analysis.analyzer_init({"w": w0}, h, running=True)
   for t, w in enumerate(ws):
     run = update(run, {"w": w}, {"w": jnp.ones(3)})
     if t + 1 > h:  # anchor = first weight of the window, exactly
@@ -155,9 +156,9 @@ def _reference_scores(history, h):
 @functools.cache
 def _jitted(with_grads):
   if with_grads:
-    return jax.jit(sal.analysis.analyzer_update), jax.jit(sal.analysis.analyzer_scores)
-  return (jax.jit(lambda s, p: sal.analysis.analyzer_update(s, p)),
-          jax.jit(sal.analysis.analyzer_scores))
+    return jax.jit(analysis.analyzer_update), jax.jit(analysis.analyzer_scores)
+  return (jax.jit(lambda s, p: analysis.analyzer_update(s, p)),
+          jax.jit(analysis.analyzer_scores))
 
 
 _vec = st.lists(st.sampled_from([0.0, 0.5, -1.0, 2.0, 1e-3]), min_size=3,
@@ -170,8 +171,8 @@ _step = st.tuples(_vec, st.one_of(st.none(), st.just([0.0, 0.0, 0.0]), _vec))
                   steps=st.lists(_step, min_size=1, max_size=9))
 def test_windowed_matches_list_reference(h, steps):
   """Ring buffers, eviction, zero gradients, and steps without gradients."""
-  states = [sal.analysis.analyzer_init({"w": jnp.zeros(3)}, h),
-            sal.analysis.analyzer_init({"w": jnp.zeros(3)}, h, running=True)]
+  states = [analysis.analyzer_init({"w": jnp.zeros(3)}, h),
+            analysis.analyzer_init({"w": jnp.zeros(3)}, h, running=True)]
   for t, (w, g) in enumerate(steps, 1):
     w = np.asarray(w, np.float32)
     update, scores = _jitted(g is not None)
@@ -195,10 +196,10 @@ def test_no_recompilation_between_steps(running):
   traces = []
   def step(state, params, grads):
     traces.append(1)
-    state = sal.analysis.analyzer_update(state, params, grads)
-    return state, sal.analysis.analyzer_scores(state)
+    state = analysis.analyzer_update(state, params, grads)
+    return state, analysis.analyzer_scores(state)
   step = jax.jit(step)
-  state = sal.analysis.analyzer_init(param_dict(_SA["initial_params"]), 4, running)
+  state = analysis.analyzer_init(param_dict(_SA["initial_params"]), 4, running)
   dtypes = [x.dtype for x in jax.tree.leaves(state)]
   for rec in _SA["steps"][:8]:
     state, _ = step(state, param_dict(rec["params"]), param_dict(rec["grads"]))
@@ -209,51 +210,51 @@ def test_no_recompilation_between_steps(running):
 def test_weights_only_updates():
   w = lambda x: {"w": jnp.full(2, x, jnp.float32)}
   for running in (False, True):
-    s = sal.analysis.analyzer_init(w(0.0), 3, running)
-    s = sal.analysis.analyzer_update(s, w(1.0))
-    s = sal.analysis.analyzer_update(s, w(1.0))
+    s = analysis.analyzer_init(w(0.0), 3, running)
+    s = analysis.analyzer_update(s, w(1.0))
+    s = analysis.analyzer_update(s, w(1.0))
     assert (int(s.count), int(s.grad_count)) == (2, 0)
     # variance 0 and change 0 only: score 1
-    assert float(sal.analysis.analyzer_scores(s)["w"]) == 1.0
+    assert float(analysis.analyzer_scores(s)["w"]) == 1.0
 
 
 def test_classify_boundaries_and_jit():
   scores = {"p": 0.7, "v": 0.3, "n": 0.5, "arr": jnp.array([0.1, 0.9, 0.69])}
-  codes = jax.jit(sal.analysis.classify)(scores)
-  assert int(codes["p"]) == sal.analysis.PROTECTED
-  assert int(codes["v"]) == sal.analysis.VOLATILE
-  assert int(codes["n"]) == sal.analysis.NEUTRAL
-  assert list(sal.analysis.state_names(codes)["arr"]) == [
+  codes = jax.jit(analysis.classify)(scores)
+  assert int(codes["p"]) == analysis.PROTECTED
+  assert int(codes["v"]) == analysis.VOLATILE
+  assert int(codes["n"]) == analysis.NEUTRAL
+  assert list(analysis.state_names(codes)["arr"]) == [
       "volatile", "protected", "neutral"]
-  assert sal.analysis.STATE_NAMES[sal.analysis.PROTECTED] == "protected"
+  assert analysis.STATE_NAMES[analysis.PROTECTED] == "protected"
 
 
 @pytest.mark.parametrize("bad", [0, -3, 2.5, True, None, "50"])
 def test_bad_history_length(bad):
   with pytest.raises(ValueError, match="history_length"):
-    sal.analysis.analyzer_init({"w": jnp.zeros(2)}, bad)
+    analysis.analyzer_init({"w": jnp.zeros(2)}, bad)
   with pytest.raises(ValueError, match="history_length"):
-    sal.analysis.StabilityAnalyzer(history_length=bad)
+    analysis.StabilityAnalyzer(history_length=bad)
 
 
 @pytest.mark.parametrize("p, v", [(0.3, 0.7), (float("nan"), 0.3),
                                   (0.7, float("-inf"))])
 def test_bad_thresholds(p, v):
   with pytest.raises(ValueError, match="threshold"):
-    sal.analysis.classify({"a": 0.5}, p, v)
+    analysis.classify({"a": 0.5}, p, v)
   with pytest.raises(ValueError, match="threshold"):
-    sal.analysis.StabilityAnalyzer(protected_threshold=p, volatile_threshold=v)
+    analysis.StabilityAnalyzer(protected_threshold=p, volatile_threshold=v)
 
 
 @pytest.mark.parametrize("running", [False, True])
 def test_mismatched_trees(running):
-  s = sal.analysis.analyzer_init({"a": jnp.zeros(2), "b": jnp.zeros(3)}, 4, running)
+  s = analysis.analyzer_init({"a": jnp.zeros(2), "b": jnp.zeros(3)}, 4, running)
   with pytest.raises(ValueError, match="structure"):
-    sal.analysis.analyzer_update(s, {"a": jnp.zeros(2)})
+    analysis.analyzer_update(s, {"a": jnp.zeros(2)})
   with pytest.raises(ValueError, match="shape"):
-    sal.analysis.analyzer_update(s, {"a": jnp.zeros(2), "b": jnp.zeros(4)})
+    analysis.analyzer_update(s, {"a": jnp.zeros(2), "b": jnp.zeros(4)})
   with pytest.raises(ValueError, match="grads"):
-    sal.analysis.analyzer_update(s, {"a": jnp.zeros(2), "b": jnp.zeros(3)},
-                        {"a": jnp.zeros(2)})
+    analysis.analyzer_update(s, {"a": jnp.zeros(2), "b": jnp.zeros(3)},
+                             {"a": jnp.zeros(2)})
   with pytest.raises(ValueError, match="analyzer state"):
-    sal.analysis.analyzer_scores({"a": 1.0})
+    analysis.analyzer_scores({"a": 1.0})

@@ -150,7 +150,8 @@ def test_jitted_chain_compiles_once(name):
   for i, g in enumerate(grads):
     p, state = step(p, state, _f32(g))
     if name == "ewc" and i == 1:  # a task boundary between steps
-      state = baselines.ewc_consolidate(state, p, jax.tree.map(jnp.ones_like, p))
+      state = baselines.ewc_consolidate(state, p,
+                                        jax.tree.map(jnp.ones_like, p))
   assert len(traces) == 1
   for leaf in jax.tree.leaves(state):
     assert isinstance(leaf, jax.Array)
@@ -310,9 +311,9 @@ def test_ewc_online_decay_and_reanchoring():
   f1 = {"w": jnp.array([4.0, 0.0])}
   f2 = {"w": jnp.array([0.0, 2.0])}
   state = baselines.ewc_consolidate(state, {"w": jnp.ones(2)}, f1, online=True,
-                                  decay=0.5)
+                                    decay=0.5)
   state = baselines.ewc_consolidate(state, {"w": jnp.full(2, 3.0)}, f2,
-                                  online=True, decay=0.5)
+                                    online=True, decay=0.5)
   ewc_state = state[0]
   np.testing.assert_allclose(ewc_state.importance["w"], [2.0, 2.0])
   np.testing.assert_allclose(ewc_state.anchor["w"], [3.0, 3.0])
@@ -329,7 +330,7 @@ def test_ewc_pulls_toward_anchor_after_consolidation():
   anchor = {"w": jnp.array([1.0, -1.0, 0.5])}
   tx = optax.chain(baselines.ewc(1.0), optax.sgd(0.2))
   state = baselines.ewc_consolidate(tx.init(anchor), anchor,
-                                  {"w": jnp.array([1.0, 1.0, 0.0])})
+                                    {"w": jnp.array([1.0, 1.0, 0.0])})
   p = {"w": jnp.array([3.0, 2.0, 4.0])}
   step = jax.jit(tx.update)
   for _ in range(30):
@@ -421,7 +422,7 @@ def test_streaming_importance_follows_gradient_size(name):
   # Coordinate 0 gets large gradients, coordinate 1 small ones; both are
   # displaced from the anchor by the same amount afterwards.
   tx = optax.chain(getattr(baselines, name)(1.0, importance_decay=0.9,
-                                          anchor_decay=0.99),
+                                            anchor_decay=0.99),
                    optax.sgd(0.1))
   p = {"w": jnp.zeros(2)}
   state = tx.init(p)
@@ -446,8 +447,8 @@ def test_zero_strength_is_identity(name):
 def test_streaming_si_matches_numpy():
   params, grads = _trajectory(7, seed=7)
   outs, state = _run(baselines.streaming_si(1.3, damping=0.2,
-                                          importance_decay=0.8,
-                                          anchor_decay=0.7), params, grads)
+                                            importance_decay=0.8,
+                                            anchor_decay=0.7), params, grads)
   expected, importances = _np_streaming_si(params, grads, 1.3, 0.2, 0.8, 0.7)
   _assert_trees_close(outs, expected)
   # Random gradients and moves: some path integrals are negative, and those
@@ -462,7 +463,7 @@ def test_streaming_si_importance_is_the_path_integral_under_sgd():
   # lr * g_{t-1}**2 >= 0: the coordinate that did the work gets importance.
   lr = 0.1
   si = baselines.streaming_si(1.0, damping=0.1, importance_decay=0.9,
-                            anchor_decay=0.9)
+                              anchor_decay=0.9)
   curvature = jnp.array([1.0, 0.0])
   p = {"w": jnp.array([2.0, 2.0])}
   state = si.init(p)
@@ -480,7 +481,7 @@ def test_streaming_si_importance_is_the_path_integral_under_sgd():
 def test_upgd_without_noise_matches_numpy():
   params, grads = _trajectory(6, seed=8)
   outs, state = _run(baselines.upgd(0.05, utility_decay=0.8, noise_std=0.0,
-                                  weight_decay=0.1), params, grads)
+                                    weight_decay=0.1), params, grads)
   _assert_trees_close(outs, _np_upgd(params, grads, 0.05, 0.8, 0.1))
   assert int(state.count) == 6
 

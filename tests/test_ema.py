@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-import sal_jax as sal
+from sal_jax import analysis
 from conftest import ARRAY_TOL, SCALAR_TOL, as_array, load_fixture
 
 UTILS = load_fixture()["utils"]
@@ -18,26 +18,26 @@ EMA = UTILS["exponential_moving_average"]
 
 @pytest.mark.parametrize("case", EMA["cases"], ids=lambda c: f"a{c['alpha']}")
 def test_exponential_moving_average_cases(case):
-  fn = jax.jit(functools.partial(sal.analysis.exponential_moving_average,
+  fn = jax.jit(functools.partial(analysis.exponential_moving_average,
                                  alpha=case["alpha"]))
   out = fn(as_array(EMA["current"]), as_array(EMA["previous"]))
   np.testing.assert_allclose(out, as_array(case["value"]), **ARRAY_TOL)
 
 
 def test_exponential_moving_average_tree_and_bad_alpha():
-  out = sal.analysis.exponential_moving_average({"a": jnp.ones(2)}, {"a": jnp.zeros(2)},
-                                       0.25)
+  out = analysis.exponential_moving_average({"a": jnp.ones(2)},
+                                            {"a": jnp.zeros(2)}, 0.25)
   np.testing.assert_allclose(out["a"], [0.25, 0.25])
   with pytest.raises(ValueError, match="alpha"):
-    sal.analysis.exponential_moving_average(jnp.ones(2), jnp.zeros(2), 1.5)
+    analysis.exponential_moving_average(jnp.ones(2), jnp.zeros(2), 1.5)
 
 
 @pytest.mark.parametrize("case", UTILS["ema_sequences"],
                          ids=lambda c: f"a{c['alpha']}-init{c['initial']}")
 def test_ema_sequences(case):
-  state = sal.analysis.ema_init(case["initial"])
+  state = analysis.ema_init(case["initial"])
   assert bool(state.initialized) == (case["initial"] is not None)
-  update = jax.jit(functools.partial(sal.analysis.ema_update, alpha=case["alpha"]))
+  update = jax.jit(functools.partial(analysis.ema_update, alpha=case["alpha"]))
   outputs = []
   for x in case["inputs"]:
     state = update(state, jnp.float32(x))
@@ -46,7 +46,7 @@ def test_ema_sequences(case):
   assert int(state.count) == case["count"]
   assert state.value.dtype == jnp.float32
   assert state.count.dtype == jnp.int32
-  state = sal.analysis.ema_reset(state)
+  state = analysis.ema_reset(state)
   assert case["after_reset"] == {"value": None, "count": 0}
   assert int(state.count) == 0 and not bool(state.initialized)
   # After a reset the first input becomes the value again.
@@ -56,8 +56,8 @@ def test_ema_sequences(case):
 
 def test_ema_tracker_pytree():
   like = {"w": jnp.zeros((2, 2)), "b": jnp.zeros(3)}
-  state = sal.analysis.ema_init(like=like)
-  step = jax.jit(sal.analysis.ema_update, static_argnums=2)
+  state = analysis.ema_init(like=like)
+  step = jax.jit(analysis.ema_update, static_argnums=2)
   state = step(state, jax.tree.map(jnp.ones_like, like), 0.5)
   state = step(state, like, 0.5)
   np.testing.assert_allclose(state.value["w"], np.full((2, 2), 0.5))

@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-import sal_jax as sal
+from sal_jax import emergence
 from conftest import ARRAY_TOL, SCALAR_TOL, as_array, load_fixture
 
 SECTION = load_fixture()["emergence"]
@@ -24,7 +24,8 @@ def _run_patterns(run):
 
 def _field_for(run):
   kw = run["constructor_kwargs"]
-  return sal.emergence.emergence_init(kw["dimensions"], kw.get("history_length", 100))
+  return emergence.emergence_init(kw["dimensions"],
+                                  kw.get("history_length", 100))
 
 
 @pytest.mark.parametrize("name", sorted(RUNS))
@@ -32,7 +33,7 @@ def test_observe_replays_the_original_run(name):
   run = RUNS[name]
   state = _field_for(run)
   for i, (pattern, ref) in enumerate(zip(_run_patterns(run), run["states"])):
-    report, state = sal.emergence.observe(state, as_array(pattern))
+    report, state = emergence.observe(state, as_array(pattern))
     report = jax.device_get(report)
     for key in SIGNALS:
       np.testing.assert_allclose(getattr(report, key), ref[key],
@@ -43,8 +44,9 @@ def test_observe_replays_the_original_run(name):
                                **ARRAY_TOL)
     np.testing.assert_allclose(state.variance, ref["field_variance_after"],
                                **SCALAR_TOL)
-    assert int(sal.emergence.emergence_history_size(state)) == ref["history_size_after"]
-  np.testing.assert_allclose(sal.emergence.emergence_rate(state),
+    assert (int(emergence.emergence_history_size(state))
+            == ref["history_size_after"])
+  np.testing.assert_allclose(emergence.emergence_rate(state),
                              run["emergence_rate"], **SCALAR_TOL)
   if name == "structured_dims16":  # Observation 10 is the emergent one.
     assert [s["is_emergent"] for s in run["states"]].index(True) == 10
@@ -53,20 +55,21 @@ def test_observe_replays_the_original_run(name):
 @pytest.mark.parametrize("name", sorted(RUNS))
 def test_detect_emergence_cases(name):
   for case in RUNS[name]["detect_emergence"]:
-    got = sal.emergence.detect_emergence(case["coherence"], case["novelty"])
+    got = emergence.detect_emergence(case["coherence"], case["novelty"])
     assert bool(got) == case["value"], case
 
 
 def test_detect_emergence_custom_thresholds_and_arrays():
-  got = sal.emergence.detect_emergence(jnp.array([0.5, 0.7]), jnp.array([0.5, 0.5]),
-                             coherence_threshold=0.7, novelty_threshold=0.5)
+  got = emergence.detect_emergence(jnp.array([0.5, 0.7]), jnp.array([0.5, 0.5]),
+                                   coherence_threshold=0.7,
+                                   novelty_threshold=0.5)
   assert got.tolist() == [False, True]
 
 
 def test_emergence_state_cases():
   for case in SECTION["state_cases"]:
-    s = sal.emergence.emergence_state(case["coherence"], case["novelty"],
-                            case["resonance"], case["intensity"])
+    s = emergence.emergence_state(case["coherence"], case["novelty"],
+                                  case["resonance"], case["intensity"])
     assert bool(s.is_emergent) == case["is_emergent"], case
     np.testing.assert_allclose(float(s.emergence_score),
                                case["emergence_score"], **SCALAR_TOL)
@@ -89,7 +92,7 @@ def _coherence_numpy(x):
 @pytest.mark.parametrize(
     "case", SECTION["coherence_score_cases"], ids=lambda c: c["name"])
 def test_coherence_score_cases(case):
-  got = float(sal.emergence.coherence_score(as_array(case["input"])))
+  got = float(emergence.coherence_score(as_array(case["input"])))
   if math.isnan(case["value"]):
     # The original's NaN for sizes 2..7 is fixed: d = 0, finite score.
     assert 2 <= np.size(case["input"]) <= 7
@@ -101,18 +104,19 @@ def test_coherence_score_cases(case):
 
 
 def test_coherence_score_small_sizes_fixed():
-  assert float(sal.emergence.coherence_score(jnp.array([1.0, 2.0, 3.0, 4.0, 5.0]))) \
+  x = jnp.array([1.0, 2.0, 3.0, 4.0, 5.0])
+  assert float(emergence.coherence_score(x)) \
       == pytest.approx(1.0 / 26.0, rel=1e-6)
   for n in range(2, 8):
     x = jnp.linspace(-1.0, 1.0, n)
-    assert math.isfinite(float(sal.emergence.coherence_score(x)))
+    assert math.isfinite(float(emergence.coherence_score(x)))
 
 
 @pytest.mark.parametrize(
     "case", SECTION["novelty_score_cases"], ids=lambda c: c["name"])
 def test_novelty_score_cases(case):
   ref = None if case["reference"] is None else as_array(case["reference"])
-  got = float(sal.emergence.novelty_score(as_array(case["tensor"]), ref))
+  got = float(emergence.novelty_score(as_array(case["tensor"]), ref))
   if case["value"] < 0:  # Unclipped in the original; clipped here.
     assert got == 0.0
   else:
@@ -123,22 +127,22 @@ def test_novelty_score_cases(case):
     "case", SECTION["resonance_measure_cases"], ids=lambda c: c["name"])
 def test_resonance_measure_cases(case):
   field = [as_array(f) for f in case["field"]]
-  got = float(sal.emergence.resonance_measure(as_array(case["pattern"]), field))
+  got = float(emergence.resonance_measure(as_array(case["pattern"]), field))
   want = min(max(case["value"], 0.0), 1.0)  # Clipped here.
   np.testing.assert_allclose(got, want, **SCALAR_TOL)
   assert 0.0 <= got <= 1.0
   sizes = {np.size(f) for f in case["field"]}
   if len(sizes) == 1:  # A stacked array gives the same value.
-    stacked = float(sal.emergence.resonance_measure(as_array(case["pattern"]),
-                                          np.stack(field)))
+    stacked = float(emergence.resonance_measure(as_array(case["pattern"]),
+                                                np.stack(field)))
     np.testing.assert_allclose(stacked, got, rtol=1e-6, atol=1e-7)
 
 
 def test_resonance_and_novelty_clipped_at_the_recorded_defects():
   x = jnp.array([1.0, -2.0, 3.0, 0.5])
-  assert float(sal.emergence.resonance_measure(x, [x])) == 1.0
-  assert float(sal.emergence.resonance_measure(x, [-x])) == 0.0
-  assert float(sal.emergence.novelty_score(x, 7 * x)) == 0.0
+  assert float(emergence.resonance_measure(x, [x])) == 1.0
+  assert float(emergence.resonance_measure(x, [-x])) == 0.0
+  assert float(emergence.novelty_score(x, 7 * x)) == 0.0
 
 
 @hypothesis.settings(max_examples=8, deadline=None)
@@ -146,8 +150,9 @@ def test_resonance_and_novelty_clipped_at_the_recorded_defects():
     np.float32, hypothesis.strategies.integers(1, 9),
     elements=hypothesis.strategies.floats(-10, 10, width=32)))
 def test_helper_scores_lie_in_unit_interval(x):
-  for value in (sal.emergence.coherence_score(x), sal.emergence.novelty_score(x, x[::-1]),
-                sal.emergence.resonance_measure(x, [x, -x[::-1]])):
+  for value in (emergence.coherence_score(x),
+                emergence.novelty_score(x, x[::-1]),
+                emergence.resonance_measure(x, [x, -x[::-1]])):
     v = float(value)
     assert 0.0 <= v <= 1.0, (x, v)
 
@@ -162,7 +167,7 @@ def test_scan_matches_step_by_step():
                         for p in _run_patterns(run)])
 
   def body(state, p):
-    report, state = sal.emergence.observe(state, p)
+    report, state = emergence.observe(state, p)
     return state, report
 
   final, reports = jax.lax.scan(body, _field_for(run), patterns)
@@ -171,17 +176,17 @@ def test_scan_matches_step_by_step():
                              **SCALAR_TOL)
   state = _field_for(run)
   for p in patterns:
-    _, state = sal.emergence.observe(state, p)
+    _, state = emergence.observe(state, p)
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6,
-                                                    atol=1e-7), final, state)
+                                                       atol=1e-7), final, state)
 
 
 def test_vmap_over_independent_fields():
   runs = [RUNS["default_dims16"], RUNS["structured_dims16"]]
   seqs = [np.stack([as_array(p).reshape(-1) for p in _run_patterns(r)])
           for r in runs]
-  batch = _stack([sal.emergence.emergence_init(16) for _ in runs])
-  step = jax.jit(jax.vmap(sal.emergence.observe))
+  batch = _stack([emergence.emergence_init(16) for _ in runs])
+  step = jax.jit(jax.vmap(emergence.observe))
   for t in range(12):
     reports, batch = step(batch, jnp.stack([s[t] for s in seqs]))
     for b, run in enumerate(runs):
@@ -189,30 +194,30 @@ def test_vmap_over_independent_fields():
                                  run["states"][t]["coherence"], **SCALAR_TOL)
       np.testing.assert_allclose(float(reports.novelty[b]),
                                  run["states"][t]["novelty"], **SCALAR_TOL)
-  rates = sal.emergence.emergence_rate(batch)
+  rates = emergence.emergence_rate(batch)
   np.testing.assert_allclose(rates, [r["emergence_rate"] for r in runs],
                              **SCALAR_TOL)
 
 
 def test_history_evicts_oldest_and_rate_counts_only_remembered():
-  state = sal.emergence.emergence_init(4, history_length=2)
+  state = emergence.emergence_init(4, history_length=2)
   x = jnp.array([1.0, 0.0, 0.0, 0.0])
   y = jnp.array([0.0, 1.0, 0.0, 0.0])
   z = jnp.array([0.0, 0.0, 1.0, 0.0])
   for p in (x, y, z):
-    _, state = sal.emergence.observe(state, p)
-  report, _ = sal.emergence.observe(state, x)  # x was evicted: orthogonal to y, z.
+    _, state = emergence.observe(state, p)
+  report, _ = emergence.observe(state, x)  # x was evicted: orthogonal to y, z.
   assert float(report.novelty) == 1.0
-  report, _ = sal.emergence.observe(state, y)
+  report, _ = emergence.observe(state, y)
   assert float(report.novelty) == 0.0
   state = state._replace(emergent_history=jnp.array([True, False]))
-  assert float(sal.emergence.emergence_rate(state)) == 0.5
+  assert float(emergence.emergence_rate(state)) == 0.5
 
 
 def test_zero_pattern_is_not_normalised_and_stays_finite():
-  state = sal.emergence.emergence_init(8)
-  report, state = sal.emergence.observe(state, jnp.zeros(8))
-  report, state = sal.emergence.observe(state, jnp.zeros(8))
+  state = emergence.emergence_init(8)
+  report, state = emergence.observe(state, jnp.zeros(8))
+  report, state = emergence.observe(state, jnp.zeros(8))
   assert bool(report.valid)
   assert all(math.isfinite(float(v)) for v in report[:6])
   assert float(report.novelty) == 1.0  # |cos| with a zero vector is 0.
@@ -220,27 +225,27 @@ def test_zero_pattern_is_not_normalised_and_stays_finite():
 
 def test_invalid_arguments_raise_clear_errors():
   with pytest.raises(ValueError, match="dimensions"):
-    sal.emergence.emergence_init(0)
+    emergence.emergence_init(0)
   with pytest.raises(ValueError, match="history_length"):
-    sal.emergence.emergence_init(8, history_length=0)
+    emergence.emergence_init(8, history_length=0)
   with pytest.raises(ValueError, match="dimensions"):
-    sal.emergence.emergence_init(2.5)
-  state = sal.emergence.emergence_init(16)
+    emergence.emergence_init(2.5)
+  state = emergence.emergence_init(16)
   with pytest.raises(ValueError, match="15 entries.*16 dimensions"):
-    sal.emergence.observe(state, jnp.ones(15))
+    emergence.observe(state, jnp.ones(15))
   with pytest.raises(ValueError, match="15 entries"):
-    jax.jit(sal.emergence.observe)(state, jnp.ones(15))
+    jax.jit(emergence.observe)(state, jnp.ones(15))
   with pytest.raises(ValueError, match="NaN or Inf"):
-    sal.emergence.observe(state, jnp.ones(16).at[3].set(jnp.nan))
+    emergence.observe(state, jnp.ones(16).at[3].set(jnp.nan))
   with pytest.raises(ValueError, match="NaN or Inf"):
-    sal.emergence.observe(state, np.full(16, np.inf, np.float32))
+    emergence.observe(state, np.full(16, np.inf, np.float32))
 
 
 def test_non_finite_pattern_inside_jit_is_ignored_and_flagged():
   patterns = [as_array(p).reshape(-1) for p in SECTION["patterns"][:4]]
-  step = jax.jit(sal.emergence.observe)
-  state = sal.emergence.emergence_init(16)
-  clean = sal.emergence.emergence_init(16)
+  step = jax.jit(emergence.observe)
+  state = emergence.emergence_init(16)
+  clean = emergence.emergence_init(16)
   for i, p in enumerate(patterns):
     if i == 2:
       bad = p.copy()
@@ -262,9 +267,9 @@ def test_no_recompilation_across_observations():
   @jax.jit
   def step(state, p):
     traces.append(None)
-    return sal.emergence.observe(state, p)
+    return emergence.observe(state, p)
 
-  state = sal.emergence.emergence_init(16)
+  state = emergence.emergence_init(16)
   for p in SECTION["patterns"]:
     _, state = step(state, as_array(p).reshape(-1))
   assert len(traces) == 1

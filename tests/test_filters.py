@@ -12,7 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-import sal_jax as sal
+from sal_jax import analysis
 from conftest import ARRAY_TOL, SCALAR_TOL, as_array, load_fixture, param_dict
 
 FILTERS = load_fixture()["filters"]
@@ -27,7 +27,7 @@ MAGNITUDE = FILTERS["gradient_magnitude_filter"]
 @pytest.mark.parametrize("case", LOW["cases"],
                          ids=lambda c: f"rel{c['relative']}-t{c['threshold']}")
 def test_low_change_mask_cases(case):
-  fn = jax.jit(functools.partial(sal.analysis.low_change_mask,
+  fn = jax.jit(functools.partial(analysis.low_change_mask,
                                  threshold=case["threshold"],
                                  relative=case["relative"]))
   out = fn(as_array(LOW["current"]), as_array(LOW["previous"]))
@@ -37,7 +37,8 @@ def test_low_change_mask_cases(case):
 
 def test_low_change_mask_defaults():
   assert LOW["defaults"] == {"threshold": 0.1, "relative": True}
-  out = sal.analysis.low_change_mask(as_array(LOW["current"]), as_array(LOW["previous"]))
+  out = analysis.low_change_mask(as_array(LOW["current"]),
+                                 as_array(LOW["previous"]))
   np.testing.assert_array_equal(out, as_array(LOW["default_args_mask"]))
 
 
@@ -45,14 +46,14 @@ def test_low_change_mask_zero_previous_uses_clamp():
   # previous == 0 exactly: 0 -> 0 is stable, 0 -> 7.6e-5 is "changing".
   previous = as_array(LOW["previous"])
   assert previous[0, 0] == 0.0 and previous[2, 3] == 0.0
-  out = sal.analysis.low_change_mask(as_array(LOW["current"]), previous)
+  out = analysis.low_change_mask(as_array(LOW["current"]), previous)
   assert out[0, 0] == 0.0 and out[2, 3] == 1.0
 
 
 def test_low_change_mask_shape_mismatch():
   assert LOW["shape_mismatch"] == {"raises": "ValueError"}
   with pytest.raises(ValueError, match="same shape"):
-    sal.analysis.low_change_mask(jnp.ones((4, 5)), jnp.ones((5, 4)))
+    analysis.low_change_mask(jnp.ones((4, 5)), jnp.ones((5, 4)))
 
 
 @hypothesis.settings(deadline=None, max_examples=25)
@@ -61,7 +62,8 @@ def test_low_change_mask_shape_mismatch():
     hnp.arrays(np.float32, (3, 4), elements=st.floats(-10, 10, width=32)),
     st.floats(0.0, 2.0), st.booleans())
 def test_low_change_mask_is_binary(current, previous, threshold, relative):
-  out = np.asarray(sal.analysis.low_change_mask(current, previous, threshold, relative))
+  out = np.asarray(
+      analysis.low_change_mask(current, previous, threshold, relative))
   assert set(np.unique(out)) <= {0.0, 1.0}
 
 
@@ -79,7 +81,7 @@ def test_frequency_filter_cases(case):
   # The float32 grid the reference compares the cut-offs against.
   grid = np.linspace(0.0, 1.0, n // 2 + 1).astype(np.float32)
   np.testing.assert_array_equal(grid, as_array(case["freq_grid_float32"]))
-  fn = jax.jit(functools.partial(sal.analysis.frequency_filter,
+  fn = jax.jit(functools.partial(analysis.frequency_filter,
                                  preserve_dc=case["preserve_dc"]))
   out = fn(x, case["low_cutoff"], case["high_cutoff"])
   assert out.shape == x.shape and out.dtype == jnp.float32
@@ -89,7 +91,7 @@ def test_frequency_filter_cases(case):
 def test_frequency_filter_defaults():
   assert FREQ["defaults"] == {"low_cutoff": 0.0, "high_cutoff": 0.5,
                               "preserve_dc": True}
-  out = sal.analysis.frequency_filter(as_array(FREQ["inputs"]["x2d_3x16"]))
+  out = analysis.frequency_filter(as_array(FREQ["inputs"]["x2d_3x16"]))
   np.testing.assert_allclose(out, as_array(FREQ["default_args"]["output"]),
                              **ARRAY_TOL)
 
@@ -99,14 +101,14 @@ def test_frequency_filter_inclusive_float32_bounds():
   # it is inside [0.2, 0.6] (both bounds inclusive).
   x = np.zeros(11, np.float32)
   x[0] = 1.0  # an impulse: every bin has magnitude 1
-  out = sal.analysis.frequency_filter(x, 0.2, 0.6, preserve_dc=False)
+  out = analysis.frequency_filter(x, 0.2, 0.6, preserve_dc=False)
   spectrum = np.abs(np.fft.rfft(np.asarray(out)))
   np.testing.assert_allclose(spectrum, [0, 1, 1, 1, 0, 0], atol=1e-6)
 
 
 def test_frequency_filter_rejects_scalar():
   with pytest.raises(ValueError, match="last axis"):
-    sal.analysis.frequency_filter(jnp.float32(1.0))
+    analysis.frequency_filter(jnp.float32(1.0))
 
 
 @hypothesis.settings(deadline=None, max_examples=25)
@@ -114,7 +116,7 @@ def test_frequency_filter_rejects_scalar():
     np.float32, hnp.array_shapes(min_dims=1, max_dims=3, max_side=9),
     elements=st.floats(-10, 10, width=32)))
 def test_frequency_filter_full_band_is_identity(x):
-  out = sal.analysis.frequency_filter(x, 0.0, 1.0, preserve_dc=True)
+  out = analysis.frequency_filter(x, 0.0, 1.0, preserve_dc=True)
   np.testing.assert_allclose(out, x, rtol=1e-4, atol=1e-4)
 
 
@@ -124,7 +126,7 @@ def test_frequency_filter_full_band_is_identity(x):
                          ids=lambda c: f"p{c['percentile']}")
 def test_gradient_magnitude_filter_cases(case):
   grads = param_dict(MAGNITUDE["grads"])
-  fn = jax.jit(functools.partial(sal.analysis.gradient_magnitude_filter,
+  fn = jax.jit(functools.partial(analysis.gradient_magnitude_filter,
                                  percentile=case["percentile"]))
   masks = fn(grads)
   assert set(masks) == set(case["masks"])
@@ -148,14 +150,14 @@ def test_gradient_magnitude_filter_is_per_leaf():
                          ids=lambda c: f"p{c['percentile']}")
 def test_gradient_magnitude_filter_traced_percentile(case):
   grads = param_dict(MAGNITUDE["grads"])
-  masks = jax.jit(sal.analysis.gradient_magnitude_filter)(grads, case["percentile"])
+  masks = jax.jit(analysis.gradient_magnitude_filter)(grads, case["percentile"])
   for name, expected in case["masks"].items():
     np.testing.assert_array_equal(masks[name], as_array(expected), err_msg=name)
 
 
 def test_gradient_magnitude_filter_rejects_bad_percentile():
   with pytest.raises(ValueError, match="percentile"):
-    sal.analysis.gradient_magnitude_filter({"w": jnp.ones(3)}, 101.0)
+    analysis.gradient_magnitude_filter({"w": jnp.ones(3)}, 101.0)
 
 
 # -- adaptive stability filter -----------------------------------------------
@@ -166,18 +168,18 @@ def _replay(constructor_kwargs):
   seq = {k: [as_array(x) for x in v] for k, v in ADAPTIVE["sequence"].items()}
   names = ("w", "b", "z")
   params = {k: seq[k][0] for k in names}
-  update = jax.jit(functools.partial(sal.analysis.adaptive_filter_update,
+  update = jax.jit(functools.partial(analysis.adaptive_filter_update,
                                      decay=kwargs["decay"]))
-  adapt = jax.jit(functools.partial(sal.analysis.adaptive_filter_adapt,
+  adapt = jax.jit(functools.partial(analysis.adaptive_filter_adapt,
                                     adaptation_rate=kwargs["adaptation_rate"]))
-  masks_fn = jax.jit(sal.analysis.adaptive_filter_masks)
-  state = sal.analysis.adaptive_filter_init(params, kwargs["initial_threshold"])
+  masks_fn = jax.jit(analysis.adaptive_filter_masks)
+  state = analysis.adaptive_filter_init(params, kwargs["initial_threshold"])
   for t in range(len(seq["w"]) - 1):
     state = update(state, {k: seq[k][t + 1] for k in names},
                    {k: seq[k][t] for k in names})
     masks = masks_fn(state, params)
     # An unseen name: a fresh leaf under the same threshold.
-    unseen = sal.analysis.adaptive_filter_init({"u": jnp.ones(3)})._replace(
+    unseen = analysis.adaptive_filter_init({"u": jnp.ones(3)})._replace(
         threshold=state.threshold)
     unseen_mask = masks_fn(unseen, {"u": jnp.ones(3)})["u"]
     threshold_before = state.threshold
@@ -223,24 +225,25 @@ def test_adaptive_filter_eps_path():
 
 
 def test_adaptive_filter_state_dtypes_and_unseen_adapt():
-  state = sal.analysis.adaptive_filter_init({"a": jnp.ones(2), "b": jnp.ones(3)}, 0.9)
+  state = analysis.adaptive_filter_init({"a": jnp.ones(2), "b": jnp.ones(3)},
+                                        0.9)
   assert state.threshold.dtype == jnp.float32
   assert state.seen["a"].dtype == jnp.bool_
   # Nothing seen: adapt leaves the threshold alone (not even clipped).
-  assert float(sal.analysis.adaptive_filter_adapt(state, 0.5).threshold) == \
+  assert float(analysis.adaptive_filter_adapt(state, 0.5).threshold) == \
       pytest.approx(0.9)
   # Clipped to [0.2, 0.8] once something was seen.
-  state = sal.analysis.adaptive_filter_update(
+  state = analysis.adaptive_filter_update(
       state, {"a": jnp.ones(2), "b": jnp.ones(3)},
       {"a": jnp.ones(2), "b": jnp.ones(3)})
-  assert float(sal.analysis.adaptive_filter_adapt(state, 1.0).threshold) == \
+  assert float(analysis.adaptive_filter_adapt(state, 1.0).threshold) == \
       pytest.approx(0.8)
 
 
 def test_adaptive_filter_rejects_bad_hyperparameters():
   with pytest.raises(ValueError, match="initial_threshold"):
-    sal.analysis.adaptive_filter_init({"a": jnp.ones(2)}, 1.5)
-  state = sal.analysis.adaptive_filter_init({"a": jnp.ones(2)})
+    analysis.adaptive_filter_init({"a": jnp.ones(2)}, 1.5)
+  state = analysis.adaptive_filter_init({"a": jnp.ones(2)})
   with pytest.raises(ValueError, match="decay"):
-    sal.analysis.adaptive_filter_update(state, {"a": jnp.ones(2)}, {"a": jnp.ones(2)},
-                               decay=-0.1)
+    analysis.adaptive_filter_update(state, {"a": jnp.ones(2)},
+                                    {"a": jnp.ones(2)}, decay=-0.1)

@@ -25,10 +25,15 @@ def _gate_id(case):
           f"s{case['stability_score']}")
 
 
+# The original calls its sigmoid gate "soft"; here it has protect's name.
+_RENAMED = {"soft": "sigmoid"}
+
+
 @pytest.mark.parametrize("case", GATE["cases"], ids=_gate_id)
 def test_stability_gate_cases(case):
+  gate_type = _RENAMED.get(case["gate_type"], case["gate_type"])
   fn = jax.jit(functools.partial(
-      sal.analysis.stability_gate, gate_type=case["gate_type"],
+      sal.analysis.stability_gate, gate_type=gate_type,
       threshold=case["threshold"], steepness=case["steepness"]))
   out = fn(as_array(GATE["gradient"]), case["stability_score"])
   assert out.dtype == jnp.float32
@@ -41,14 +46,23 @@ def test_stability_gate_defaults():
   case = next(c for c in GATE["cases"]
               if (c["gate_type"], c["threshold"], c["steepness"]) ==
               ("soft", 0.5, 10.0) and c["stability_score"] == 0.7)
-  np.testing.assert_allclose(sal.analysis.stability_gate(as_array(GATE["gradient"]), 0.7),
-                             as_array(case["output"]), **ARRAY_TOL)
+  out = sal.analysis.stability_gate(as_array(GATE["gradient"]), 0.7)
+  np.testing.assert_allclose(out, as_array(case["output"]), **ARRAY_TOL)
+
+
+def test_stability_gate_soft_is_the_deprecated_name_of_sigmoid():
+  g = as_array(GATE["gradient"])
+  with pytest.warns(DeprecationWarning, match="gate_type='sigmoid'"):
+    soft = sal.analysis.stability_gate(g, 0.7, "soft")
+  np.testing.assert_array_equal(
+      soft, sal.analysis.stability_gate(g, 0.7, "sigmoid"))
 
 
 @pytest.mark.parametrize("gate_type", ["hard", "linear"])
 def test_stability_gate_score_on_threshold_passes(gate_type):
   g = as_array(GATE["gradient"])
-  np.testing.assert_array_equal(sal.analysis.stability_gate(g, 0.5, gate_type, 0.5), g)
+  np.testing.assert_array_equal(
+      sal.analysis.stability_gate(g, 0.5, gate_type, 0.5), g)
 
 
 def test_stability_gate_unknown_type():
@@ -82,10 +96,11 @@ def test_loss_guard_cases(case):
 
 @hypothesis.settings(deadline=None, max_examples=50)
 @hypothesis.given(st.floats(0.0, 1.0), st.floats(0.0, 0.99),
-                  st.sampled_from(["soft", "hard", "linear"]))
+                  st.sampled_from(["sigmoid", "hard", "linear"]))
 def test_stability_gate_factor_in_unit_interval(score, threshold, gate_type):
   g = jnp.array([1.0, -2.0, 0.5])
-  factor = np.asarray(sal.analysis.stability_gate(g, score, gate_type, threshold)) / g
+  factor = np.asarray(
+      sal.analysis.stability_gate(g, score, gate_type, threshold)) / g
   assert np.all(factor >= 0.0) and np.all(factor <= 1.0 + 1e-6)
   if gate_type == "hard":
     assert set(np.unique(factor)) <= {0.0, 1.0}

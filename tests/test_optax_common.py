@@ -90,7 +90,7 @@ def streaming_si_adam(learning_rate: optax.ScalarOrSchedule, strength,
                       anchor_decay=0.999):
   return optax.chain(
       baselines.streaming_si(strength, damping, importance_decay,
-                           anchor_decay),
+                             anchor_decay),
       optax.adam(learning_rate))
 
 

@@ -153,7 +153,7 @@ def _train(tx, tasks, seed):
   every step (what a consolidation at that step anchors).
   """
   params, state, counts, history = _run(tx, _init(seed), *_stream(tasks,
-                                                                   seed))
+                                                                  seed))
   onsets = np.flatnonzero(np.diff(np.asarray(counts), prepend=0))
   return params, state, onsets, history
 

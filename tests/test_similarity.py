@@ -12,7 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-import sal_jax as sal
+from sal_jax import analysis
 from conftest import ARRAY_TOL, SCALAR_TOL, as_array, load_fixture, param_dict
 
 UTILS = load_fixture()["utils"]
@@ -24,7 +24,7 @@ DIST = UTILS["weight_distance"]
                          ids=lambda c: f"dim{c['dim']}-eps{c.get('eps')}")
 def test_cosine_similarity_cases(case):
   eps = case.get("eps", COS["defaults"]["eps"])
-  fn = jax.jit(functools.partial(sal.analysis.cosine_similarity, axis=case["dim"],
+  fn = jax.jit(functools.partial(analysis.cosine_similarity, axis=case["dim"],
                                  eps=eps))
   out = fn(as_array(COS["a"]), as_array(COS["b"]))
   assert out.dtype == jnp.float32
@@ -37,14 +37,14 @@ def test_cosine_similarity_eps_pads_each_norm():
   a, b = as_array(COS["a"]), as_array(COS["b"])
   clamp = (a * b).sum(-1) / np.maximum(
       np.linalg.norm(a, axis=-1) * np.linalg.norm(b, axis=-1), 1e-3)
-  out = sal.analysis.cosine_similarity(a, b, eps=1e-3)
+  out = analysis.cosine_similarity(a, b, eps=1e-3)
   assert abs(float(out[0]) - float(clamp[0])) > 1e-4
   assert float(out[1]) == 0.0  # the zero row of b
 
 
 def test_cosine_similarity_rejects_bad_shapes():
   with pytest.raises(ValueError, match="broadcast"):
-    sal.analysis.cosine_similarity(jnp.ones((3, 5)), jnp.ones((4, 5)))
+    analysis.cosine_similarity(jnp.ones((3, 5)), jnp.ones((4, 5)))
 
 
 @hypothesis.settings(deadline=None, max_examples=30)
@@ -52,7 +52,7 @@ def test_cosine_similarity_rejects_bad_shapes():
     hnp.arrays(np.float32, (4, 6), elements=st.floats(-1e3, 1e3, width=32)),
     hnp.arrays(np.float32, (4, 6), elements=st.floats(-1e3, 1e3, width=32)))
 def test_cosine_similarity_in_unit_interval(a, b):
-  out = np.asarray(sal.analysis.cosine_similarity(a, b))
+  out = np.asarray(analysis.cosine_similarity(a, b))
   assert np.all(np.abs(out) <= 1.0 + 1e-6)
 
 
@@ -69,9 +69,10 @@ def test_weight_distance_cases(case):
   if "raises" in case:
     assert case["raises"] == "ValueError"
     with pytest.raises(ValueError, match="metric"):
-      sal.analysis.weight_distance(w1, w2, case["metric"])
+      analysis.weight_distance(w1, w2, case["metric"])
     return
-  fn = jax.jit(functools.partial(sal.analysis.weight_distance, metric=case["metric"]))
+  fn = jax.jit(functools.partial(analysis.weight_distance,
+                                 metric=case["metric"]))
   out = fn(w1, w2)
   assert out.shape == () and out.dtype == jnp.float32
   np.testing.assert_allclose(float(out), case["value"], **SCALAR_TOL)
@@ -83,12 +84,13 @@ def test_weight_distance_skips_unmatched_leaves():
   shared = {k: w1[k] for k in ("x", "y")}
   for metric in ("l2", "l1", "cosine"):
     np.testing.assert_allclose(
-        float(sal.analysis.weight_distance(w1, w2, metric)),
-        float(sal.analysis.weight_distance(shared, {k: w2[k] for k in shared}, metric)),
+        float(analysis.weight_distance(w1, w2, metric)),
+        float(analysis.weight_distance(shared, {k: w2[k] for k in shared},
+                                       metric)),
         **SCALAR_TOL)
 
 
 def test_weight_distance_nested_trees():
   w1 = {"layer": {"w": jnp.array([3.0, 4.0])}}
   w2 = {"layer": {"w": jnp.zeros(2)}}
-  assert float(sal.analysis.weight_distance(w1, w2)) == pytest.approx(5.0)
+  assert float(analysis.weight_distance(w1, w2)) == pytest.approx(5.0)

@@ -205,8 +205,32 @@ def test_stability_summary_fixture():
   rec = _FX["utils"]["stability_summary"]
   out = jax.jit(sal.analysis.stability_summary)(rec["scores"])
   assert set(out) == set(rec["value"])
-  for k, v in rec["value"].items():
+  # Deviation: the original counts strictly (s < 0.3), so its score of
+  # exactly 0.3 is neutral there and volatile here, as classify says.
+  assert rec["scores"]["e"] == 0.3
+  expected = dict(rec["value"], neutral_pct=rec["value"]["neutral_pct"] - 20,
+                  volatile_pct=rec["value"]["volatile_pct"] + 20)
+  for k, v in expected.items():
     np.testing.assert_allclose(float(out[k]), v, rtol=1e-6, atol=1e-6,
                                err_msg=k)
   empty = sal.analysis.stability_summary({})
   assert {k: float(v) for k, v in empty.items()} == rec["empty"]
+
+
+@pytest.mark.parametrize("score, state", [(0.7, "protected"),
+                                          (0.3, "volatile"),
+                                          (0.5, "neutral")])
+def test_one_rule_for_the_states(score, state):
+  """classify, spectrum, stability_summary and sal.metrics count a score at
+  a threshold in the same state."""
+  assert sal.analysis.state_names(sal.analysis.classify({"w": score})) == {
+      "w": state}
+  shares = dict(zip(("protected", "neutral", "volatile"),
+                    (float(x) for x in sal.analysis.spectrum({"w": score}))))
+  assert shares[state] == 100.0
+  summary = sal.analysis.stability_summary({"w": score})
+  assert float(summary[f"{state}_pct"]) == 100.0
+  tx = sal.protect(estimator="reference")
+  params = {"w": jnp.ones(3)}
+  opt_state = tx.init(params)._replace(scores={"w": jnp.float32(score)})
+  assert float(sal.metrics(opt_state)[f"{state}_fraction"]) == 1.0

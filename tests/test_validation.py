@@ -47,7 +47,8 @@ WRONG_TYPES = [
 ]
 
 # What the factories need besides the argument under test.
-_REQUIRED = {baselines.ewc: {"strength": 1.0}, baselines.l2_init: {"strength": 1.0},
+_REQUIRED = {baselines.ewc: {"strength": 1.0},
+             baselines.l2_init: {"strength": 1.0},
              baselines.streaming_ewc: {"strength": 1.0},
              baselines.streaming_mas: {"strength": 1.0},
              baselines.streaming_si: {"strength": 1.0},

@@ -185,4 +185,4 @@ def consolidation_estimator(
                                    state.anchor)
 
   return _estimators.StabilityEstimator(init_fn, update_fn, restoring_force,
-                                       granularity)
+                                        granularity)

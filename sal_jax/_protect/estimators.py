@@ -6,9 +6,10 @@ An estimator is a pair of pure functions. ``init(params)`` builds its state;
 :func:`sal_jax.protect` transformation smooths the raw scores with an EMA,
 adapts its threshold and gates the updates; estimators only measure.
 
-Estimators are looked up by name (see :mod:`sal_jax._protect.estimator_registry`),
-so ``protect(estimator="reference")`` and other estimators plug in the same
-way; a :class:`StabilityEstimator` instance may also be passed directly.
+Estimators are looked up by name (see
+:mod:`sal_jax._protect.estimator_registry`), so
+``protect(estimator="reference")`` and other estimators plug in the same way;
+a :class:`StabilityEstimator` instance may also be passed directly.
 """
 
 from __future__ import annotations

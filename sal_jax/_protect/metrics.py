@@ -8,13 +8,10 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from sal_jax._protect import budget as _budget
 from sal_jax._common import nnx_interop as _nnx_interop
+from sal_jax._common import stability_states
+from sal_jax._protect import budget as _budget
 from sal_jax._protect import protect as _protect
-
-# Cut-offs of the original's stability summary (strict inequalities).
-PROTECTED_ABOVE = 0.7
-VOLATILE_BELOW = 0.3
 
 
 def _is_protect_state(x: Any) -> bool:
@@ -57,8 +54,8 @@ def _gate_metrics(state) -> dict[str, jax.Array]:
            jax.tree.leaves(state.protection_rates)]
   if scores:
     flat = jnp.concatenate(scores)
-    protected = jnp.mean(flat > PROTECTED_ABOVE)
-    volatile = jnp.mean(flat < VOLATILE_BELOW)
+    protected, volatile = (jnp.mean(m) for m in
+                           stability_states.state_masks(flat))
     mean_score = jnp.mean(flat)
     rate = jnp.mean(jnp.stack(rates))
   else:
@@ -87,9 +84,10 @@ def metrics(opt_state: Any) -> dict[str, jax.Array]:
     ``threshold``: the adapted threshold of the last step;
     ``protection_rate``: mean over leaves of ``1 - ||g_out|| / ||g||`` at the
     last step; ``mean_protection_rate``: its running mean over steps;
-  * ``protected_fraction`` :math:`= \operatorname{mean}(s > 0.7)`,
-    ``volatile_fraction`` :math:`= \operatorname{mean}(s < 0.3)`,
-    ``neutral_fraction``: the rest;
+  * ``protected_fraction`` :math:`= \operatorname{mean}(s \ge 0.7)`,
+    ``volatile_fraction`` :math:`= \operatorname{mean}(s \le 0.3)`,
+    ``neutral_fraction``: the rest (the rule of
+    :func:`sal_jax.analysis.classify`);
   * ``mean_score``: the mean score over units;
   * ``consolidations`` (int32), only with an estimator that counts them
     (``"shift_consolidation"``): the shifts (and :func:`consolidate` calls)

@@ -102,8 +102,8 @@ def protect(
   :math:`g_i \leftarrow g_i \, f(s_i, \tau) + \lambda F_i(\theta)`, with
   ``gate`` :math:`f` one of ``"soft"`` (:math:`1 - s` above :math:`\tau`,
   the original rule), ``"hard"``, ``"linear"``, ``"sigmoid"`` or ``"none"``
-  (see :mod:`sal_jax._protect.gates`), :math:`F` the estimator's restoring force (if
-  it has one) and :math:`\lambda` = ``restore``.
+  (see :mod:`sal_jax._protect.gates`), :math:`F` the estimator's restoring
+  force (if it has one) and :math:`\lambda` = ``restore``.
 
   With a drift budget :math:`\varepsilon` (``budget``), the pull's strength
   is :math:`\lambda m` and the multiplier :math:`m \ge 1` adapts so that

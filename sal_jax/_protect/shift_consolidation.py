@@ -330,4 +330,4 @@ def shift_consolidation_estimator(
                                           state.reference, 1.0), 0.0)
 
   return _estimators.StabilityEstimator(init_fn, update_fn, restoring_force,
-                                       granularity, drift_estimate)
+                                        granularity, drift_estimate)

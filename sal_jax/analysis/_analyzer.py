@@ -34,6 +34,7 @@ import numpy as np
 
 from sal_jax.analysis import _spectrum
 from sal_jax._common import tree_utils as _tree_utils
+from sal_jax._common import stability_states
 from sal_jax.analysis._analyzer_score import F32
 from sal_jax.analysis._analyzer_score import check_history_length
 from sal_jax.analysis._running_analyzer import RunningAnalyzerState
@@ -177,7 +178,8 @@ def analyzer_scores(state: AnalyzerState) -> chex.ArrayTree:
 
   Examples:
     >>> import jax.numpy as jnp
-    >>> from sal_jax.analysis import analyzer_init, analyzer_scores, analyzer_update
+    >>> from sal_jax.analysis import (analyzer_init, analyzer_scores,
+    ...                               analyzer_update)
     >>> s = analyzer_init({"w": jnp.zeros(2)})
     >>> float(analyzer_scores(s)["w"])
     0.5
@@ -197,8 +199,11 @@ def analyzer_scores(state: AnalyzerState) -> chex.ArrayTree:
   raise ValueError(f"sal_jax: not an analyzer state: {type(state).__name__}.")
 
 
-def classify(scores: chex.ArrayTree, protected_threshold: float = 0.7,
-             volatile_threshold: float = 0.3) -> chex.ArrayTree:
+def classify(
+    scores: chex.ArrayTree,
+    protected_threshold: float = stability_states.PROTECTED_THRESHOLD,
+    volatile_threshold: float = stability_states.VOLATILE_THRESHOLD,
+) -> chex.ArrayTree:
   r"""Stability state codes: 2 protected, 1 neutral, 0 volatile.
 
   .. math::
@@ -227,10 +232,10 @@ def classify(scores: chex.ArrayTree, protected_threshold: float = 0.7,
   """
   _spectrum._check_thresholds(protected_threshold, volatile_threshold)
   def leaf(s):
-    s = jnp.asarray(s, F32)
-    return jnp.where(s >= protected_threshold, PROTECTED,
-                     jnp.where(s <= volatile_threshold, VOLATILE,
-                               NEUTRAL)).astype(jnp.int32)
+    prot, vol = stability_states.state_masks(
+        jnp.asarray(s, F32), protected_threshold, volatile_threshold)
+    return jnp.where(prot, PROTECTED,
+                     jnp.where(vol, VOLATILE, NEUTRAL)).astype(jnp.int32)
   return jax.tree.map(leaf, scores)
 
 
@@ -282,8 +287,8 @@ class StabilityAnalyzer:
     The original SAL library, ``sal.stability.StabilityAnalyzer``.
   """
   history_length: int = 50
-  protected_threshold: float = 0.7
-  volatile_threshold: float = 0.3
+  protected_threshold: float = stability_states.PROTECTED_THRESHOLD
+  volatile_threshold: float = stability_states.VOLATILE_THRESHOLD
   running: bool = False
 
   def __post_init__(self):

@@ -161,7 +161,8 @@ def ema_reset(state: EMAState) -> EMAState:
 
   Examples:
     >>> from sal_jax import analysis
-    >>> analysis.ema_reset(analysis.ema_update(analysis.ema_init(), 3.0, 0.5)).count
+    >>> state = analysis.ema_update(analysis.ema_init(), 3.0, 0.5)
+    >>> analysis.ema_reset(state).count
     Array(0, dtype=int32)
 
   References:

@@ -17,6 +17,8 @@ import chex
 import jax
 import jax.numpy as jnp
 
+from sal_jax._common import stability_states
+
 _F32 = jnp.float32
 _DEFAULT_SCORE = 0.5  # protect_mask: score of a leaf missing from the scores
 
@@ -190,8 +192,11 @@ class StabilitySpectrum(NamedTuple):
     return DIAGNOSES[int(self.diagnosis_code())]
 
 
-def spectrum(scores: chex.ArrayTree, protected_threshold: float = 0.7,
-             volatile_threshold: float = 0.3) -> StabilitySpectrum:
+def spectrum(
+    scores: chex.ArrayTree,
+    protected_threshold: float = stability_states.PROTECTED_THRESHOLD,
+    volatile_threshold: float = stability_states.VOLATILE_THRESHOLD,
+) -> StabilitySpectrum:
   r"""The percentage of leaves in each stability state.
 
   .. math::
@@ -226,8 +231,8 @@ def spectrum(scores: chex.ArrayTree, protected_threshold: float = 0.7,
   s = _flat_scores(scores)
   if s.size == 0:
     return StabilitySpectrum(*(jnp.asarray(x, _F32) for x in (0, 100, 0)))
-  prot = s >= protected_threshold
-  vol = ~prot & (s <= volatile_threshold)
+  prot, vol = stability_states.state_masks(s, protected_threshold,
+                                           volatile_threshold)
   n_prot = jnp.sum(prot).astype(_F32)
   n_vol = jnp.sum(vol).astype(_F32)
   total = float(s.size)
@@ -308,18 +313,24 @@ def protect_mask(scores: chex.ArrayTree, params: chex.ArrayTree,
   return jax.tree.map(mask, scores, params)
 
 
-def stability_summary(scores: chex.ArrayTree,
-                      protected_threshold: float = 0.7,
-                      volatile_threshold: float = 0.3) -> dict[str, jax.Array]:
+def stability_summary(
+    scores: chex.ArrayTree,
+    protected_threshold: float = stability_states.PROTECTED_THRESHOLD,
+    volatile_threshold: float = stability_states.VOLATILE_THRESHOLD,
+) -> dict[str, jax.Array]:
   r"""Mean, spread and state shares of a scores tree.
 
   .. math::
     \bar s,\ \sigma = \sqrt{\tfrac{1}{N} \textstyle\sum (s - \bar s)^2},\
-    \min s,\ \max s,\ 100 \#\{s > \tau_p\} / N,\ 100 \#\{s < \tau_v\} / N
+    \min s,\ \max s,\ 100 \#\{s \ge \tau_p\} / N,\
+    100 \#\{\tau_p > s,\ s \le \tau_v\} / N
 
-  Unlike :func:`spectrum` the cut-offs are strict (a score of exactly 0.3
-  is neutral here, as in the original), and the standard deviation is the
-  population one. Array leaves contribute every element.
+  The states are counted as by :func:`spectrum` and :func:`classify`.
+  Deviation from the original: its summary counts strictly
+  (:math:`s > \tau_p`, :math:`s < \tau_v`) while its classifier counts a
+  score at a threshold in that state; here every count follows the
+  classifier. The standard deviation is the population one. Array leaves
+  contribute every element.
 
   Args:
     scores: a tree of scores.
@@ -333,8 +344,8 @@ def stability_summary(scores: chex.ArrayTree,
   Examples:
     >>> from sal_jax.analysis import stability_summary
     >>> out = stability_summary({"a": 0.9, "b": 0.1, "c": 0.5, "d": 0.3})
-    >>> round(float(out["mean"]), 4), float(out["volatile_pct"])
-    (0.45, 25.0)
+    >>> round(float(out["mean"]), 4), float(out["volatile_pct"])  # b and d
+    (0.45, 50.0)
 
   References:
     The original SAL library, ``sal.utils.stability_summary``.
@@ -345,8 +356,9 @@ def stability_summary(scores: chex.ArrayTree,
   s = _flat_scores(scores)
   if s.size == 0:
     return {k: jnp.zeros((), _F32) for k in keys}
-  prot = jnp.mean((s > protected_threshold).astype(_F32)) * 100.0
-  vol = jnp.mean((s < volatile_threshold).astype(_F32)) * 100.0
+  masks = stability_states.state_masks(s, protected_threshold,
+                                       volatile_threshold)
+  prot, vol = (jnp.mean(m.astype(_F32)) * 100.0 for m in masks)
   vals = (jnp.mean(s), jnp.std(s), jnp.min(s), jnp.max(s), prot,
           100.0 - prot - vol, vol)
   return dict(zip(keys, vals))

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import warnings
+
 import chex
 import jax
 import jax.numpy as jnp
@@ -11,34 +13,36 @@ from sal_jax._protect.gates import hard_gate
 from sal_jax._protect.gates import linear_gate
 from sal_jax._protect.gates import sigmoid_gate
 
-# The original's ``StabilityGate`` names its sigmoid gate "soft".
-_STABILITY_GATE_TYPES = {"soft": sigmoid_gate, "hard": hard_gate,
+# The names protect(gate=...) gives these gates.
+_STABILITY_GATE_TYPES = {"sigmoid": sigmoid_gate, "hard": hard_gate,
                          "linear": linear_gate}
 
 
 def stability_gate(
     gradient: chex.Array,
     stability_score: chex.Numeric,
-    gate_type: str = "soft",
+    gate_type: str = "sigmoid",
     threshold: float = 0.5,
     steepness: float = DEFAULT_STEEPNESS,
 ) -> jax.Array:
   r"""Scales a gradient by a gate of its stability score.
 
-  This is the original's stand-alone gate; its ``"soft"`` type is the sigmoid
-  gate :math:`g / (1 + e^{k (s - \tau)})` (in :func:`protect` that gate is
-  called ``"sigmoid"``, and ``"soft"`` is the original's ``g (1 - s)``).
-
   .. math::
-    \text{soft: } g / (1 + e^{k(s-\tau)}) \qquad
+    \text{sigmoid: } g / (1 + e^{k(s-\tau)}) \qquad
     \text{hard: } 0 \text{ if } s > \tau \qquad
     \text{linear: } g \max(1 - \tfrac{s-\tau}{1-\tau}, 0) \text{ if } s > \tau
+
+  The gate types carry the names of the same gates in
+  :func:`sal_jax.protect`. The original's stand-alone gate calls its
+  sigmoid gate ``"soft"`` (its default), while ``protect(gate="soft")`` is
+  the original's ``g (1 - s)``; ``gate_type="soft"`` still selects the
+  sigmoid gate, with a ``DeprecationWarning``, for one release.
 
   Args:
     gradient: the gradient to gate.
     stability_score: a scalar score, or an array broadcastable to
       ``gradient``.
-    gate_type: ``"soft"`` (sigmoid), ``"hard"`` or ``"linear"``.
+    gate_type: ``"sigmoid"``, ``"hard"`` or ``"linear"``.
     threshold: the threshold :math:`\tau`.
     steepness: the sigmoid steepness :math:`k`.
 
@@ -53,12 +57,19 @@ def stability_gate(
     >>> from sal_jax.analysis import stability_gate
     >>> stability_gate(jnp.array([2.0, 4.0]), 0.9, "hard")
     Array([0., 0.], dtype=float32)
-    >>> stability_gate(jnp.array([2.0, 4.0]), 0.5, "soft")  # 1 / (1 + e^0)
+    >>> stability_gate(jnp.array([2.0, 4.0]), 0.5)  # 1 / (1 + e^0)
     Array([1., 2.], dtype=float32)
 
   References:
     The original SAL library, ``sal.filters.StabilityGate``.
   """
+  if gate_type == "soft":
+    warnings.warn(
+        "sal_jax.analysis.stability_gate: gate_type='soft' is the sigmoid "
+        "gate here but 1 - s in sal_jax.protect(gate='soft'); pass "
+        "gate_type='sigmoid'. 'soft' will be removed in the next release.",
+        DeprecationWarning, stacklevel=2)
+    gate_type = "sigmoid"
   if gate_type not in _STABILITY_GATE_TYPES:
     raise ValueError(
         f"sal_jax: unknown gate_type {gate_type!r}; expected one of "
@@ -67,5 +78,3 @@ def stability_gate(
   score = jnp.asarray(stability_score, jnp.float32)
   factor = _STABILITY_GATE_TYPES[gate_type](score, threshold, steepness)
   return (gradient * factor).astype(gradient.dtype)
-
-

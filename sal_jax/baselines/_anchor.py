@@ -30,7 +30,7 @@ from sal_jax._common import validation as _validation
 def check_range(fn: str, name: str, value: Any, low: float,
                 high: float = math.inf, low_open: bool = False,
                 high_open: bool = False) -> None:
-  """:func:`sal_jax._common.validation.check_number` for ``sal_jax.baselines.<fn>``.
+  """``validation.check_number`` for ``sal_jax.baselines.<fn>``.
 
   A wrong type raises ``TypeError``; a Python number outside the interval
   ``ValueError``; arrays (e.g. from ``optax.inject_hyperparams``) are not

@@ -268,7 +268,8 @@ def emergence_history_size(state: EmergenceFieldState) -> jax.Array:
 
   Examples:
     >>> import jax.numpy as jnp
-    >>> from sal_jax.emergence import emergence_init, emergence_history_size, observe
+    >>> from sal_jax.emergence import (emergence_history_size, emergence_init,
+    ...                                observe)
     >>> state = emergence_init(4, history_length=2)
     >>> for _ in range(3):
     ...   _, state = observe(state, jnp.arange(4.0))
