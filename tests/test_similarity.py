@@ -1,4 +1,5 @@
-"""Parity of cosine similarity and weight distance (fixture ``utils``)."""
+"""Parity of cosine similarity, weight distance, the tree norm and the
+parameter count (fixture ``utils``)."""
 
 from __future__ import annotations
 
@@ -14,8 +15,10 @@ import pytest
 
 from sal_jax import analysis
 from conftest import ARRAY_TOL, SCALAR_TOL, as_array, load_fixture, param_dict
+from conftest import tiny_model_loss
 
 UTILS = load_fixture()["utils"]
+TINY = load_fixture()["communication"]
 COS = UTILS["cosine_similarity"]
 DIST = UTILS["weight_distance"]
 
@@ -94,3 +97,26 @@ def test_weight_distance_nested_trees():
   w1 = {"layer": {"w": jnp.array([3.0, 4.0])}}
   w2 = {"layer": {"w": jnp.zeros(2)}}
   assert float(analysis.weight_distance(w1, w2)) == pytest.approx(5.0)
+
+
+def test_tree_norm_and_parameter_count_of_the_tiny_model():
+  """The fixture's gradient norm at init and parameter count (its MLP,
+  data and initial params are those of the ``communication`` run)."""
+  params = param_dict(TINY["initial_params"])
+  grads = jax.grad(tiny_model_loss)(params, as_array(TINY["data"]["X"]),
+                                    np.asarray(TINY["data"]["y"]))
+  norm = analysis.tree_norm(grads)
+  assert norm.dtype == jnp.float32
+  np.testing.assert_allclose(float(norm),
+                             UTILS["gradient_norm_tiny_model_at_init"],
+                             rtol=1e-6)
+  assert analysis.parameter_count(params) == (
+      UTILS["parameter_count_tiny_model"])
+
+
+def test_tree_norm_accumulates_half_precision_in_float32():
+  x = {"a": jnp.full((4096,), 0.01, jnp.bfloat16), "b": jnp.array([3.0 + 4j])}
+  expected = np.sqrt(4096 * float(jnp.bfloat16(0.01)) ** 2 + 25.0)
+  np.testing.assert_allclose(float(analysis.tree_norm(x)), expected,
+                             rtol=1e-6)
+  assert float(analysis.tree_norm({})) == 0.0

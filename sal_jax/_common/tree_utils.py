@@ -5,7 +5,6 @@ This is the bottom of the package: it imports nothing from sal_jax.
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
 import chex
@@ -121,25 +120,6 @@ def leaf_norms(tree: chex.ArrayTree) -> chex.ArrayTree:
   """L2 norm of every leaf, as float32 scalars (same tree structure)."""
   return jax.tree.map(
       lambda x: jnp.sqrt(jnp.sum(jnp.square(to_real(x)))), tree)
-
-
-def tree_select(pred: jax.Array, on_true: chex.ArrayTree,
-                on_false: chex.ArrayTree) -> chex.ArrayTree:
-  """Elementwise ``where`` of a scalar predicate over two like trees."""
-  return jax.tree.map(lambda a, b: jnp.where(pred, a, b), on_true, on_false)
-
-
-def tree_norm(tree: chex.ArrayTree) -> jax.Array:
-  """Global L2 norm over all leaves (float32 scalar)."""
-  leaves = jax.tree.leaves(tree)
-  if not leaves:
-    return jnp.zeros((), jnp.float32)
-  return jnp.sqrt(sum(jnp.sum(jnp.square(to_real(x))) for x in leaves))
-
-
-def parameter_count(tree: chex.ArrayTree) -> int:
-  """Total number of entries over all leaves (a Python int)."""
-  return int(sum(math.prod(jnp.shape(x)) for x in jax.tree.leaves(tree)))
 
 
 def mean_square(tree: chex.ArrayTree) -> jax.Array:

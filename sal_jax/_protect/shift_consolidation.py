@@ -21,6 +21,7 @@ from typing import NamedTuple
 import chex
 import jax
 import jax.numpy as jnp
+import optax
 
 from sal_jax._protect import estimators as _estimators
 from sal_jax._common import tree_utils as _tree_utils
@@ -254,7 +255,7 @@ def shift_consolidation_estimator(
     square_sums = jax.tree.map(
         lambda g: jnp.sum(jnp.square(_tree_utils.to_real(g))), updates)
     mean_sq = sum(jax.tree.leaves(square_sums)) / max(
-        _tree_utils.parameter_count(updates), 1)
+        optax.tree_utils.tree_size(updates), 1)
     fast = fast_decay * state.fast_energy + (1 - fast_decay) * mean_sq
     slow = slow_decay * state.slow_energy + (1 - slow_decay) * mean_sq
     fast_hat = fast / (1.0 - _tree_utils.decay_power(fast_decay, count))

@@ -7,8 +7,6 @@ semantic seed files and an EMA tracker. They observe training; unlike
 :func:`sal_jax.protect` they change no update.
 """
 
-from sal_jax._common.tree_utils import parameter_count
-from sal_jax._common.tree_utils import tree_norm
 from sal_jax.analysis._adaptive_filter import AdaptiveFilterState
 from sal_jax.analysis._adaptive_filter import adaptive_filter_adapt
 from sal_jax.analysis._adaptive_filter import adaptive_filter_init
@@ -45,6 +43,8 @@ from sal_jax.analysis._spectrum import protect_mask
 from sal_jax.analysis._spectrum import spectrum
 from sal_jax.analysis._spectrum import stability_summary
 from sal_jax.analysis._stability_gate import stability_gate
+from sal_jax.analysis._tree_sizes import parameter_count
+from sal_jax.analysis._tree_sizes import tree_norm
 from sal_jax.analysis._windowed_analyzer import WindowedAnalyzerState
 
 __all__ = (

@@ -17,6 +17,8 @@ import chex
 import jax
 import jax.numpy as jnp
 
+from sal_jax._common import validation as _validation
+
 # Denominator guard of the relative changes (the original's value).
 _EPS = 1e-8
 # Score of a leaf the adaptive filter has never seen.
@@ -26,7 +28,7 @@ _THRESHOLD_MAX = 0.8
 
 
 def _check_unit_interval(value, name: str) -> None:
-  if isinstance(value, (int, float)) and not 0.0 <= value <= 1.0:
+  if _validation.is_python_number(value) and not 0.0 <= value <= 1.0:
     raise ValueError(f"sal_jax: {name} must lie in [0, 1], got {value!r}.")
 
 

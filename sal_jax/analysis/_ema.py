@@ -14,9 +14,11 @@ import chex
 import jax
 import jax.numpy as jnp
 
+from sal_jax._common import validation as _validation
+
 
 def _check_alpha(alpha) -> None:
-  if isinstance(alpha, (int, float)) and not 0.0 <= alpha <= 1.0:
+  if _validation.is_python_number(alpha) and not 0.0 <= alpha <= 1.0:
     raise ValueError(f"sal_jax: alpha must lie in [0, 1], got {alpha!r}.")
 
 

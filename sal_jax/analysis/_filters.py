@@ -12,6 +12,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from sal_jax._common import validation as _validation
+
 # Denominator guard of the relative changes (the original's value).
 _EPS = 1e-8
 
@@ -157,7 +159,8 @@ def gradient_magnitude_filter(
   References:
     The original SAL library, ``sal.filters.gradient_magnitude_filter``.
   """
-  if isinstance(percentile, (int, float)) and not 0.0 <= percentile <= 100.0:
+  if (_validation.is_python_number(percentile)
+      and not 0.0 <= percentile <= 100.0):
     raise ValueError(
         f"sal_jax: percentile must lie in [0, 100], got {percentile!r}.")
 

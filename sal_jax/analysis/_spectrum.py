@@ -18,6 +18,7 @@ import jax
 import jax.numpy as jnp
 
 from sal_jax._common import stability_states
+from sal_jax._common import validation as _validation
 
 _F32 = jnp.float32
 _DEFAULT_SCORE = 0.5  # protect_mask: score of a leaf missing from the scores
@@ -38,13 +39,9 @@ DIAGNOSES = (  # indexed by diagnosis code
 )
 
 
-def _is_number(x) -> bool:
-  return isinstance(x, (int, float)) and not isinstance(x, bool)
-
-
 def _check_thresholds(protected_threshold, volatile_threshold) -> None:
   vals = (protected_threshold, volatile_threshold)
-  if not all(_is_number(x) for x in vals):
+  if not all(_validation.is_python_number(x) for x in vals):
     return  # traced or array thresholds are not checked
   if not all(math.isfinite(x) for x in vals):
     raise ValueError(f"sal_jax: thresholds must be finite, got {vals}.")
@@ -102,7 +99,7 @@ class StabilitySpectrum(NamedTuple):
       ``sal.stability.StabilitySpectrum.__post_init__``.
     """
     vals = (protected, neutral, volatile)
-    if all(_is_number(x) for x in vals):
+    if all(_validation.is_python_number(x) for x in vals):
       total = protected + neutral + volatile
       if abs(total - 100.0) > 0.1:
         if total == 0:
@@ -292,7 +289,7 @@ def protect_mask(scores: chex.ArrayTree, params: chex.ArrayTree,
   References:
     The original SAL library, ``sal.stability.protect_mask``.
   """
-  if _is_number(threshold) and not 0.0 <= threshold < 1.0:
+  if _validation.is_python_number(threshold) and not 0.0 <= threshold < 1.0:
     raise ValueError(
         f"sal_jax: protect_mask threshold must be in [0, 1), got {threshold} "
         "(the ramp 1 - (s - t) / (1 - t) is undefined at t = 1).")

@@ -7,26 +7,22 @@ cascade is started without recompiling for every prompt of the same shape.
 from __future__ import annotations
 
 import functools
-import numbers
 from typing import Any
 
 import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 
-from sal_jax._common import tree_utils as _tree_utils
+from sal_jax._common import validation as _validation
 from sal_jax.contrib._psc_pulses import CascadeState
 from sal_jax.contrib._psc_pulses import PulseStatus
 from sal_jax.contrib._psc_pulses import pulse_fitness
 
 
-def _is_number(x: Any) -> bool:
-  return isinstance(x, numbers.Real) and not isinstance(x, bool)
-
-
 def check_number(name: str, value: Any, low: float) -> None:
-  if _is_number(value) and not value >= low:
+  if _validation.is_python_number(value) and not value >= low:
     raise ValueError(f"sal_jax: {name} must be >= {low}, got {value!r}.")
 
 
@@ -206,5 +202,5 @@ def _initiate(state: CascadeState, embedding: jax.Array):
       best_fitness=state.best_fitness.at[slot].set(
           pulse_fitness(one(1.0), one(1.0), one(0.5))),
       total_created=state.total_created + 1)
-  return (_tree_utils.tree_select(has_room, new, state),
+  return (optax.tree_utils.tree_where(has_room, new, state),
           jnp.where(has_room, slot, -1))

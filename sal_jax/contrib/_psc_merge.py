@@ -12,8 +12,8 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import optax
 
-from sal_jax._common import tree_utils as _tree_utils
 
 _COS_EPS = 1e-8
 
@@ -59,7 +59,7 @@ def greedy_merge(emb, c, n, r, active, merge_threshold):
                 merged_into.at[j].set(i),
                 count + 1)
     next_row = (i + 1, i + 2, emb, c, n, r, merged, merged_into, count)
-    return _tree_utils.tree_select(found, merged_s, next_row)
+    return optax.tree_utils.tree_where(found, merged_s, next_row)
 
   init = (jnp.zeros((), jnp.int32), jnp.ones((), jnp.int32), emb, c, n, r,
           jnp.zeros((p,), bool), jnp.full((p,), -1, jnp.int32),

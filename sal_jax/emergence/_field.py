@@ -24,8 +24,8 @@ import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 
-from sal_jax._common import tree_utils as _tree_utils
 from sal_jax.emergence._scores import EmergenceState
 from sal_jax.emergence._scores import cosine
 from sal_jax.emergence._scores import emergence_state
@@ -243,7 +243,7 @@ def _observe(state: EmergenceFieldState, pattern: jax.Array):
       variance=variance.astype(dtype),
       rejected=state.rejected)
   rejected = state._replace(rejected=state.rejected + 1)
-  new_state = _tree_utils.tree_select(valid, updated, rejected)
+  new_state = optax.tree_utils.tree_where(valid, updated, rejected)
 
   nan = jnp.full((), jnp.nan, jnp.float32)
   report = EmergenceState(
