@@ -99,13 +99,6 @@ def select(entries: list[dict], floor: float = 0.0) -> int:
   return max(learned, key=lambda i: entries[i]["valid_avg_acc"])
 
 
-def at_edge(grid: dict[str, list[float]], config: dict[str, float]
-            ) -> list[str]:
-  """The axes whose chosen value is the smallest or largest of the grid."""
-  return [k for k, values in grid.items()
-          if len(set(values)) > 2 and config[k] in (min(values), max(values))]
-
-
 def pareto_front(x: np.ndarray, y: np.ndarray, maximize_y: bool
                  ) -> np.ndarray:
   """Indices of the points not dominated in (max ``x``, max/min ``y``).

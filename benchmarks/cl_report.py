@@ -16,7 +16,10 @@
                      "online_acc", "kl_mean"}],   # test metrics, seed means
          "chosen": int,                # index chosen on validation
          "matched": int | null,        # index at matched plasticity
-         "grid": {axis: [values]}, "chosen_at_grid_edge": [axes],
+         "grid": {axis: [values]},     # after widening (cl_grid)
+         "base_configs": int, "widening_rounds": int,
+         "chosen_at_grid_edge": [axes],   # still at an edge after widening
+         "chosen_at_natural_bound": [axes],  # of those, on a natural bound
          "per_seed": {...}, "curves": {...}}}}}}
 """
 
@@ -94,8 +97,15 @@ def markdown_table(protocol: dict) -> str:
   for name, entry in protocol["methods"].items():
     p = entry["points"][entry["chosen"]]
     config = _config_text(p["config"])
-    if entry["chosen_at_grid_edge"]:
-      config += f" (edge: {', '.join(entry['chosen_at_grid_edge'])})"
+    bound = entry.get("chosen_at_natural_bound", [])
+    edge = [a for a in entry["chosen_at_grid_edge"] if a not in bound]
+    if edge:
+      config += f" (edge: {', '.join(edge)})"
+    if bound:
+      config += f" (bound: {', '.join(bound)})"
+    if entry.get("widening_rounds"):
+      config += (f" [{len(entry['points'])} configs, "
+                 f"{entry['widening_rounds']} widening]")
     cells = [method_label(protocol, name), config, _pm(p, "avg_acc"),
              f"{p['plasticity']:.3f}", _pm(p, "forgetting"),
              f"{p['kl_mean']:.3f}"]
@@ -172,7 +182,13 @@ def write_markdown(results: dict, path: pathlib.Path) -> str:
       "end) on its test inputs, mean over tasks. Chosen config: the best "
       "validation average accuracy among the configurations whose validation "
       "plasticity is at least 0.9x the single-task validation accuracy. "
-      "(edge: axis) marks a choice at the edge of its grid.\n")
+      "Every method starts from the same 12 configurations; while its "
+      "choice sits at the edge of the learning-rate or knob grid, that grid "
+      "gains the next value past the edge (up to 3 rounds; [n configs, k "
+      "widening] says how many were trained). (edge: axis) marks a choice "
+      "still at an edge, (bound: axis) one on its axis's natural bound, "
+      "where the method becomes plain AdamW (WiSE-FT's coefficient 1, the "
+      "momentum filter's fraction 1, the average's decay 0).\n")
   text = "\n".join(parts)
   path.write_text(text)
   return text

@@ -5,8 +5,10 @@ MNIST-1D, split digits task- and domain-incremental, and three task-free
 streams: abrupt switches, recurring tasks, gradual drift), every task
 trained until it plateaus, with every method of ``cl_methods``. Every method
 gets the same tuning budget (12 configurations, the learning rate always
-among them); each configuration is one point (plasticity, forgetting,
-average final accuracy) of the method's trade-off front. The configuration
+among them) and the same rule when its choice sits at a grid edge: the grid
+is widened past that edge and the new configurations trained, up to three
+rounds (``cl_grid``); each configuration is one point (plasticity,
+forgetting, average final accuracy) of the method's trade-off front. The configuration
 chosen on the validation split (best average final accuracy among those
 that learn each task to 0.9x the single-task accuracy, ``cl_metrics``) is
 reported on the test split, mean ± std over seeds, and so is each method at
@@ -44,6 +46,7 @@ from tqdm import tqdm  # noqa: E402
 
 import cl_calibration  # noqa: E402
 import cl_engine  # noqa: E402
+import cl_grid  # noqa: E402
 import cl_methods  # noqa: E402
 import cl_metrics  # noqa: E402
 import cl_protocols  # noqa: E402
@@ -68,6 +71,10 @@ def parse_args(argv=None) -> argparse.Namespace:
                       f"{','.join(cl_methods.METHODS)}")
   parser.add_argument("--seeds", type=int, default=None,
                       help="number of seeds (default 3, --quick 2)")
+  parser.add_argument("--rounds", type=int, default=None,
+                      help="grid-widening rounds at most while a choice "
+                      f"sits at a grid edge (default {cl_grid.MAX_ROUNDS}, "
+                      "--quick 0)")
   parser.add_argument("--workers", type=int, default=2,
                       help="methods compiled at a time (default 2)")
   parser.add_argument("--out", default="outputs/continual",
@@ -89,6 +96,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                    f"{list(known)}")
     setattr(args, flag, names)
   args.seeds = args.seeds or (2 if args.quick else 3)
+  if args.rounds is None:
+    args.rounds = 0 if args.quick else cl_grid.MAX_ROUNDS
   return args
 
 
@@ -133,17 +142,30 @@ def run_protocol(protocol: cl_protocols.Protocol, methods: list[str],
 
   def run_method(job):
     method, configs = job
-    raw = cl_engine.run(protocol, method, seeds, configs,
-                        fast_compile=args.quick)
+
+    def run(batch):
+      return cl_engine.run(protocol, method, seeds, batch,
+                           fast_compile=args.quick)
+
+    def choose(raw, configs):
+      entry = cl_metrics.summarize(raw, configs, protocol.segment_tasks,
+                                   floor)
+      return entry["points"][entry["chosen"]]["config"]
+
+    raw, configs, tuning = cl_grid.tune(run, choose, configs, method.knob,
+                                        args.rounds)
     entry = cl_metrics.summarize(raw, configs, protocol.segment_tasks,
                                  floor)
-    grid = {k: sorted(set(v.tolist())) for k, v in configs.items()}
+    grid, chosen = tuning["grid"], entry["points"][entry["chosen"]]["config"]
     progress.set_description(f"{protocol.name} / {method.name}")
     progress.update()
     return {"description": method.description, "knob": method.knob,
-            "grid": grid, "train_seconds": raw["seconds"], **entry,
-            "chosen_at_grid_edge": cl_metrics.at_edge(
-                grid, entry["points"][entry["chosen"]]["config"])}
+            "grid": grid, "train_seconds": raw["seconds"],
+            "widening_rounds": tuning["rounds"],
+            "base_configs": tuning["base_size"], **entry,
+            "chosen_at_grid_edge": cl_grid.at_edge(grid, chosen, method.knob),
+            "chosen_at_natural_bound": cl_grid.at_bound(grid, chosen,
+                                                        method.knob)}
 
   entries = {m.name: run_method((m, c)) for m, c in jobs}
   return {"title": protocol.title, "task_free": protocol.task_free,
@@ -196,6 +218,7 @@ def main(argv=None) -> dict:
                            *(argv if argv is not None else sys.argv[1:])]),
       "quick": args.quick, "seeds": args.seeds,
       "budget": 2 if args.quick else cl_methods.BUDGET,
+      "widening_rounds": args.rounds,
       "jax": jax.__version__,
       "machine": f"{platform.machine()}, {jax.devices()[0].platform}"},
       "protocols": {}}

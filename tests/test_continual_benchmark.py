@@ -1,5 +1,6 @@
 """The continual-learning benchmark: metrics, protocols, a --quick run."""
 
+import itertools
 import json
 import math
 import pathlib
@@ -14,6 +15,7 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 
 import cl_calibration  # noqa: E402
 import cl_engine  # noqa: E402
+import cl_grid  # noqa: E402
 import cl_methods  # noqa: E402
 import cl_metrics  # noqa: E402
 import cl_protocols  # noqa: E402
@@ -144,12 +146,6 @@ def test_pareto_front_and_matching_by_hand():
   assert cl_metrics.matched(entries, 0.7) is None
 
 
-def test_grid_edge_detection():
-  grid = {"lr": [1.0, 2.0, 3.0], "wd": [0.1, 0.2]}
-  assert cl_metrics.at_edge(grid, {"lr": 3.0, "wd": 0.1}) == ["lr"]
-  assert cl_metrics.at_edge(grid, {"lr": 2.0, "wd": 0.2}) == []
-
-
 def test_every_method_has_the_same_budget_with_the_learning_rate():
   for method in cl_methods.METHODS.values():
     for quick, size in ((False, cl_methods.BUDGET), (True, 2)):
@@ -278,3 +274,77 @@ def test_quick_run_writes_complete_reports(tmp_path):
       assert np.shape(entry["curves"]["task1_acc"]) == (2, points)
     for figure in ("fronts", "task1"):
       assert (tmp_path / f"{name}_{figure}.png").stat().st_size > 10_000
+
+
+def test_grid_axes_step_past_their_edges_on_their_own_scale():
+  assert cl_grid.AXES["lr"].beyond([1e-3, 3e-3, 9e-3], "high") == (
+      pytest.approx(2.7e-2))
+  assert cl_grid.AXES["lr"].beyond([1e-3, 3e-3, 9e-3], "low") == (
+      pytest.approx(1e-3 / 3))
+  assert cl_grid.AXES["strength"].beyond([10.0, 100.0], "low") == (
+      pytest.approx(1.0))
+  assert cl_grid.AXES["alpha"].beyond([0.2, 0.4, 0.6, 0.8], "high") == (
+      pytest.approx(1.0))
+  assert cl_grid.AXES["alpha"].beyond([0.4, 0.6, 1.0], "high") is None
+  # The grid's own 3x step at its edge, then the fraction's bound, 1.
+  fractions = [0.01, 0.03, 0.1, 0.3]
+  assert cl_grid.AXES["fraction"].beyond(fractions, "high") == (
+      pytest.approx(0.9))
+  assert cl_grid.AXES["fraction"].beyond([*fractions, 0.9], "high") == 1.0
+  # A weight average's decay steps in 1 - decay: 0.99, 0.9 -> 0 (a bound).
+  assert cl_grid.AXES["decay"].beyond([0.9, 0.99, 0.999], "low") == 0.0
+  assert cl_grid.AXES["decay"].beyond([0.9, 0.99, 0.999], "high") == (
+      pytest.approx(0.9999))
+  assert cl_grid.AXES["lr"].beyond([0.5], "high") == (
+      pytest.approx(0.5 * 10 ** 0.5))
+
+
+def test_grid_widening_adds_only_the_new_row_and_column():
+  grid = {"lr": [1.0, 3.0, 9.0], "strength": [0.1, 1.0, 10.0]}
+  chosen = {"lr": 9.0, "strength": 0.1}
+  assert cl_grid.at_edge(grid, chosen, "strength") == ["lr", "strength"]
+  wider = cl_grid.widen(grid, chosen, "strength")
+  assert wider == {"lr": [1.0, 3.0, 9.0, pytest.approx(27.0)],
+                   "strength": [pytest.approx(0.01), 0.1, 1.0, 10.0]}
+  done = {k: np.asarray(v, float) for k, v in zip(
+      ("lr", "strength"), zip(*itertools.product(*grid.values())))}
+  new = cl_grid.missing(wider, done)
+  assert len(new["lr"]) == 4 * 4 - 9
+  assert cl_grid.widen(grid, {"lr": 3.0, "strength": 1.0}, "strength") is None
+  # AdamW's weight decay is a choice between two values, not swept.
+  assert cl_grid.at_edge({"lr": [1.0, 3.0, 9.0], "wd": [0.0, 0.1]},
+                         {"lr": 3.0, "wd": 0.1}, "lr") == []
+  bounded = {"lr": [1.0, 3.0, 9.0], "alpha": [0.6, 0.8, 1.0]}
+  assert cl_grid.at_bound(bounded, {"lr": 3.0, "alpha": 1.0}, "alpha") == [
+      "alpha"]
+  assert cl_grid.widen(bounded, {"lr": 3.0, "alpha": 1.0}, "alpha") is None
+
+
+def test_tuning_widens_until_the_choice_is_inside_the_grid():
+  # A fake engine whose validation optimum is lr = 81, strength = 1:
+  # two rounds move the lr edge from 9 to 27 to 81, a third brackets it.
+  calls = []
+
+  def run(batch):
+    calls.append(len(batch["lr"]))
+    score = -(np.log(batch["lr"] / 81.0) ** 2
+              + np.log(batch["strength"]) ** 2)
+    return {"score": score[None, :], "seconds": 1.0}
+
+  def choose(raw, configs):
+    i = int(np.argmax(raw["score"][0]))
+    return {k: float(v[i]) for k, v in configs.items()}
+
+  base = {"lr": np.repeat([1.0, 3.0, 9.0], 3),
+          "strength": np.tile([0.1, 1.0, 10.0], 3)}
+  raw, configs, info = cl_grid.tune(run, choose, base, "strength")
+  assert info["rounds"] == 3
+  assert set(calls) == {9}  # every batch padded to the base size
+  assert info["grid"]["lr"] == pytest.approx([1, 3, 9, 27, 81, 243])
+  assert raw["score"].shape == (1, 6 * 3) and raw["seconds"] == len(calls)
+  best = choose(raw, configs)
+  assert best == pytest.approx({"lr": 81.0, "strength": 1.0})
+  assert cl_grid.at_edge(info["grid"], best, "strength") == []
+  _, _, capped = cl_grid.tune(run, choose, base, "strength", max_rounds=1)
+  assert capped["rounds"] == 1 and max(capped["grid"]["lr"]) == (
+      pytest.approx(27.0))
