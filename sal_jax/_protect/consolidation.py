@@ -20,6 +20,7 @@ import jax
 import jax.numpy as jnp
 
 from sal_jax._protect import estimators as _estimators
+from sal_jax._common import anchored_pull
 from sal_jax._common import tree_utils as _tree_utils
 from sal_jax._common import validation as _validation
 
@@ -181,8 +182,8 @@ def consolidation_estimator(
     # The importance is not bias-corrected here: the pull builds up over the
     # importance horizon, so a model is free to learn before it consolidates.
     scale = jnp.sqrt(corrected_energy(state))
-    return _estimators.anchor_pull(state.importance, scale, params,
-                                   state.anchor)
+    return anchored_pull.anchor_pull(params, state.anchor, state.importance,
+                                     scale)
 
   return _estimators.StabilityEstimator(init_fn, update_fn, restoring_force,
                                         granularity)

@@ -174,19 +174,6 @@ def relative_scores(importance: chex.ArrayTree,
       lambda o: o / (o + relative_importance * mean + TINY), importance)
 
 
-def anchor_pull(weights: chex.ArrayTree, scale: jax.Array,
-                params: chex.ArrayTree,
-                anchor: chex.ArrayTree) -> chex.ArrayTree:
-  """``w * scale * (theta - anchor)`` per unit: a restoring force.
-
-  The difference is taken in the anchor's dtype (the params' precision, at
-  least float32), the weights and scale are float32.
-  """
-  return jax.tree.map(
-      lambda w, p, a: w * scale * (p.astype(a.dtype) - a),
-      weights, params, anchor)
-
-
 def weighted_distance(weights: chex.ArrayTree, params: chex.ArrayTree,
                       anchor: chex.ArrayTree) -> jax.Array:
   """``sum(w * |theta - anchor|^2)`` over every unit, a float32 scalar."""

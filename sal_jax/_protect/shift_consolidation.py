@@ -24,6 +24,7 @@ import jax.numpy as jnp
 import optax
 
 from sal_jax._protect import estimators as _estimators
+from sal_jax._common import anchored_pull
 from sal_jax._common import tree_utils as _tree_utils
 from sal_jax._common import validation as _validation
 
@@ -320,8 +321,8 @@ def shift_consolidation_estimator(
 
   def restoring_force(state, params):
     scale = jnp.sqrt(slow_hat(state.slow_energy, state.count))
-    return _estimators.anchor_pull(state.consolidated, scale, params,
-                                   state.anchor)
+    return anchored_pull.anchor_pull(params, state.anchor, state.consolidated,
+                                     scale)
 
   def drift_estimate(state, params):
     distance = _estimators.weighted_distance(state.consolidated, params,

@@ -5,7 +5,8 @@ Every such baseline adds the gradient of a quadratic pull toward an anchor,
 .. math::
   g \\leftarrow g + \\lambda \\, \\Omega \\odot (\\theta - \\bar\\theta),
 
-to the incoming updates; they differ only in how the importance
+to the incoming updates (the pull of ``sal_jax._common.anchored_pull``,
+which protect's estimators use too); they differ only in how the importance
 :math:`\\Omega` and the anchor :math:`\\bar\\theta` are obtained. This module
 holds the penalty, the argument checks, the state dtype rule and the EMA
 helpers, and the streaming "EMA importance" transformation that
@@ -23,6 +24,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from sal_jax._common import anchored_pull
 from sal_jax._common import tree_utils as _tree_utils
 from sal_jax._common import validation as _validation
 
@@ -120,15 +122,9 @@ def apply_penalty(updates: chex.ArrayTree, params: chex.ArrayTree,
   ``importance=None`` means an importance of one everywhere (L2 pull). The
   result has the dtype of each update leaf.
   """
-  def leaf(g, p, a, w=None):
-    pull = p.astype(a.dtype) - a
-    if w is not None:
-      pull = w * pull
-    return (g + strength * pull).astype(g.dtype)
-
-  if importance is None:
-    return jax.tree.map(leaf, updates, params, anchor)
-  return jax.tree.map(leaf, updates, params, anchor, importance)
+  force = anchored_pull.anchor_pull(params, anchor, importance)
+  return jax.tree.map(lambda g, f: (g + strength * f).astype(g.dtype),
+                      updates, force)
 
 
 def streaming_importance(
