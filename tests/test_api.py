@@ -104,6 +104,7 @@ def test_package_inits_only_re_export(path):
             f"{path}: defines {node.name}")
 
 
+@pytest.mark.slow  # a fresh interpreter
 def test_import_does_not_import_flax():
   """flax is an optional dependency (the examples' extra): the library
   detects nnx optimizers without importing it."""

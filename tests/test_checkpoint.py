@@ -25,6 +25,7 @@ import subprocess
 import sys
 
 import numpy as np
+import pytest
 
 STEPS = 8
 SAVE_AT = 3
@@ -208,6 +209,7 @@ def _differences(a, b):
   return [k for k in a if a[k] != b[k]]
 
 
+@pytest.mark.slow  # two training runs in fresh processes
 def test_resume_in_a_fresh_process_is_bit_exact(tmp_path):
   trained = _spawn("train", tmp_path / "ckpt", tmp_path / "train.pkl")
   resumed = _spawn("resume", tmp_path / "ckpt", tmp_path / "resume.pkl")

@@ -30,6 +30,8 @@ import pytest
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "tests" / "_multi_device_checks.py"
 
+pytestmark = pytest.mark.slow  # the checks run in a subprocess
+
 CHECKS = (
     "pmap_leaf",
     "pmap_element",
