@@ -21,6 +21,8 @@ fixed permutation of the 64 pixels (a domain shift). They check that
 * a return to an earlier task (A -> B -> A) is detected as a shift, B's
   params become the anchor, the state stays finite, and B is kept better
   than with plain AdamW.
+* with the defaults, task A is forgotten measurably less across a switch
+  to B than with plain AdamW, while B is learnt as well.
 
 Every bound below comes from runs of this file's own setup over 40 seeds
 (16 for the threshold sweep; numbers in the comments), each test checks a
@@ -303,3 +305,31 @@ def test_return_to_an_earlier_task_consolidates_the_later_one():
     # Keeping B does not stop task A from being relearnt.
     assert _accuracy(params, 0) >= _accuracy(plain_params, 0) - 0.03
   assert np.mean(gains) >= 0.02, gains
+
+
+# --------------------------------------------------------------------------
+# Forgetting across one switch.
+
+
+def test_the_default_forgets_the_first_task_less_than_adamw():
+  # Measured over 20 seeds (A for 200 steps, then B for 200, lr 3e-3): the
+  # drop of A's accuracy is 0.56x to 0.77x AdamW's (3-seed means 0.61x to
+  # 0.68x; AdamW's drop 0.26 to 0.50), one consolidation at the switch (two
+  # in one seed), B's final accuracy within 0.008 of AdamW's.
+  learning_rate = 3e-3
+  tx, plain = _protected(learning_rate), optax.adamw(learning_rate)
+  tasks = _segments((0, SEGMENT), (1, SEGMENT))
+  drops, plain_drops = [], []
+  for seed in range(3):
+    params, _, onsets, history = _train(tx, tasks, seed)
+    plain_params, _, _, plain_history = _train(plain, tasks, seed)
+    assert np.any((onsets >= SEGMENT) & (onsets <= SEGMENT + SWITCH_WINDOW))
+    drop = _accuracy(_at(history, SEGMENT), 0) - _accuracy(params, 0)
+    plain_drop = (_accuracy(_at(plain_history, SEGMENT), 0)
+                  - _accuracy(plain_params, 0))
+    assert plain_drop > 0.25, (seed, plain_drop)  # B overwrites A
+    assert drop < 0.8 * plain_drop, (seed, drop, plain_drop)
+    assert abs(_accuracy(params, 1) - _accuracy(plain_params, 1)) <= 0.015
+    drops.append(drop)
+    plain_drops.append(plain_drop)
+  assert sum(drops) < 0.72 * sum(plain_drops), (drops, plain_drops)
