@@ -99,19 +99,22 @@ def copy_as_state(params: chex.ArrayTree) -> chex.ArrayTree:
 
 
 def ema(old: chex.ArrayTree, new: chex.ArrayTree, decay) -> chex.ArrayTree:
-  """``decay * old + (1 - decay) * new``, in the dtype of ``old``."""
-  return jax.tree.map(
-      lambda o, n: (decay * o + (1.0 - decay) * n).astype(o.dtype), old, new)
+  """``decay * old + (1 - decay) * new``, in the dtype of ``old``.
+
+  optax's first-moment update, cast back: a float32 average of bfloat16
+  params stays float32.
+  """
+  return optax.tree_utils.tree_cast_like(
+      optax.tree_utils.tree_update_moment(new, old, decay, 1), old)
 
 
 def debias(tree: chex.ArrayTree, decay, count: jax.Array) -> chex.ArrayTree:
   """``tree / (1 - decay**count)`` (Adam's bias correction); 0 at count 0."""
-  correction = 1.0 - jnp.asarray(decay, jnp.float32) ** count.astype(
-      jnp.float32)
-  safe = jnp.where(count > 0, correction, 1.0)
+  # The decay in float32 whatever x64 says, as protect's decay_power.
+  corrected = optax.tree_utils.tree_bias_correction(
+      tree, jnp.asarray(decay, jnp.float32), jnp.maximum(count, 1))
   return jax.tree.map(
-      lambda x: jnp.where(count > 0, x / safe.astype(x.dtype),
-                          jnp.zeros_like(x)), tree)
+      lambda x: jnp.where(count > 0, x, jnp.zeros_like(x)), corrected)
 
 
 def apply_penalty(updates: chex.ArrayTree, params: chex.ArrayTree,
