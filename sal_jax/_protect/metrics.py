@@ -41,10 +41,10 @@ def find_protect_states(opt_state: Any) -> list[_protect.ProtectState]:
   # A flax.nnx.Optimizer keeps its optax state in `.opt_state`, with every
   # array wrapped in an nnx Variable.
   opt_state = getattr(opt_state, "opt_state", opt_state)
-  leaves = jax.tree.leaves(opt_state, is_leaf=_is_protect_state)
-  found = [x for x in leaves if _is_protect_state(x)]
-  found = [_nnx_interop.unwrap_variables(x) for x in found]
-  return found
+  found = optax.tree_utils.tree_get_all_with_path(
+      opt_state, _protect.ProtectState.__name__,
+      filtering=lambda _, x: _is_protect_state(x))
+  return [_nnx_interop.unwrap_variables(x) for _, x in found]
 
 
 def _gate_metrics(state) -> dict[str, jax.Array]:
