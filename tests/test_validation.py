@@ -1,8 +1,9 @@
-"""Hyperparameter types: one rule everywhere (``sal_jax._validation``).
+"""Hyperparameter types: one rule everywhere (``sal_jax._common.validation``).
 
 A hyperparameter of the wrong type (a string, a bool, a list, ``None`` where
 none is allowed) raises ``TypeError`` naming it, in ``protect``, in the
-estimators and in the baselines. Python numbers are range-checked; scalar
+estimators, in the baselines, and in the analysis tools and the cascade
+that take a rate or a bound. Python numbers are range-checked; scalar
 arrays, tracers included, are accepted where a number is, unchecked (as
 ``optax.inject_hyperparams`` passes them).
 """
@@ -14,8 +15,10 @@ import optax
 import pytest
 
 import sal_jax as sal
-from sal_jax._common import validation as _validation
+from sal_jax import analysis
 from sal_jax import baselines
+from sal_jax import contrib
+from sal_jax._common import validation as _validation
 
 WRONG_TYPES = [
     # (factory, argument, value)
@@ -135,3 +138,22 @@ def test_one_rule_in_one_helper():
     check("f", "x", 1, 0, 1, low_open=True, high_open=True)
   with pytest.raises(ValueError, match="x must be in"):
     check("f", "x", float("nan"))
+
+
+@pytest.mark.parametrize("call, name", [
+    (lambda v: analysis.exponential_moving_average(1.0, 0.0, v), "alpha"),
+    (lambda v: analysis.ema_update(analysis.ema_init(), 1.0, v), "alpha"),
+    (lambda v: analysis.adaptive_filter_init({"w": jnp.ones(2)}, v),
+     "initial_threshold"),
+    (lambda v: analysis.gradient_magnitude_filter({"w": jnp.ones(2)}, v),
+     "percentile"),
+    (lambda v: contrib.cascade_step(contrib.cascade_init(jnp.ones(2)),
+                                    jax.random.key(0), lambda e: e,
+                                    noise_scale=v), "noise_scale"),
+])
+def test_analysis_and_cascade_follow_the_same_rule(call, name):
+  with pytest.raises(TypeError, match=name):
+    call("0.5")
+  with pytest.raises(ValueError, match=name):
+    call(-1.0)
+  call(jnp.asarray(0.5))  # a scalar array is not range-checked

@@ -27,9 +27,9 @@ _THRESHOLD_MIN = 0.2
 _THRESHOLD_MAX = 0.8
 
 
-def _check_unit_interval(value, name: str) -> None:
-  if _validation.is_python_number(value) and not 0.0 <= value <= 1.0:
-    raise ValueError(f"sal_jax: {name} must lie in [0, 1], got {value!r}.")
+def _check_unit_interval(where: str, name: str, value) -> None:
+  _validation.check_number(f"sal_jax.analysis.{where}", name, value, 0.0,
+                           1.0)
 
 
 class AdaptiveFilterState(NamedTuple):
@@ -77,7 +77,8 @@ def adaptive_filter_init(
   References:
     The original SAL library, ``sal.filters.AdaptiveStabilityFilter``.
   """
-  _check_unit_interval(initial_threshold, "initial_threshold")
+  _check_unit_interval("adaptive_filter_init", "initial_threshold",
+                       initial_threshold)
   fill = lambda value, dtype: jax.tree.map(
       lambda _: jnp.asarray(value, dtype), params)
   return AdaptiveFilterState(
@@ -131,7 +132,7 @@ def adaptive_filter_update(
   References:
     The original SAL library, ``sal.filters.AdaptiveStabilityFilter.update``.
   """
-  _check_unit_interval(decay, "decay")
+  _check_unit_interval("adaptive_filter_update", "decay", decay)
 
   norm = lambda x: jnp.sqrt(jnp.sum(jnp.square(x)))
   rel = jax.tree.map(
@@ -227,7 +228,8 @@ def adaptive_filter_adapt(
     The original SAL library,
     ``AdaptiveStabilityFilter.adapt_threshold``.
   """
-  _check_unit_interval(adaptation_rate, "adaptation_rate")
+  _check_unit_interval("adaptive_filter_adapt", "adaptation_rate",
+                       adaptation_rate)
   emas = jax.tree.leaves(state.stability_ema)
   if not emas:
     return state

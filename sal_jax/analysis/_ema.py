@@ -17,9 +17,9 @@ import jax.numpy as jnp
 from sal_jax._common import validation as _validation
 
 
-def _check_alpha(alpha) -> None:
-  if _validation.is_python_number(alpha) and not 0.0 <= alpha <= 1.0:
-    raise ValueError(f"sal_jax: alpha must lie in [0, 1], got {alpha!r}.")
+def _check_alpha(where: str, alpha) -> None:
+  _validation.check_number(f"sal_jax.analysis.{where}", "alpha", alpha, 0.0,
+                           1.0)
 
 
 def exponential_moving_average(
@@ -52,7 +52,7 @@ def exponential_moving_average(
   References:
     The original SAL library, ``sal.utils.exponential_moving_average``.
   """
-  _check_alpha(alpha)
+  _check_alpha("exponential_moving_average", alpha)
   return jax.tree.map(
       lambda x, v: (alpha * jnp.asarray(x, jnp.float32)
                     + (1.0 - alpha) * jnp.asarray(v, jnp.float32)),
@@ -141,7 +141,7 @@ def ema_update(
   References:
     The original SAL library, ``sal.utils.EMA.update``.
   """
-  _check_alpha(alpha)
+  _check_alpha("ema_update", alpha)
   averaged = exponential_moving_average(x, state.value, alpha)
   value = jax.tree.map(
       lambda avg, new, old: jnp.where(

@@ -159,10 +159,8 @@ def gradient_magnitude_filter(
   References:
     The original SAL library, ``sal.filters.gradient_magnitude_filter``.
   """
-  if (_validation.is_python_number(percentile)
-      and not 0.0 <= percentile <= 100.0):
-    raise ValueError(
-        f"sal_jax: percentile must lie in [0, 100], got {percentile!r}.")
+  _validation.check_number("sal_jax.analysis.gradient_magnitude_filter",
+                           "percentile", percentile, 0.0, 100.0)
 
   def mask(g):
     magnitude = jnp.abs(jnp.asarray(g, jnp.float32))

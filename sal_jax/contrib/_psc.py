@@ -33,7 +33,7 @@ import chex
 import jax
 import jax.numpy as jnp
 
-from sal_jax.contrib._psc_init import check_number
+from sal_jax._common import validation as _validation
 from sal_jax.contrib._psc_merge import greedy_merge
 from sal_jax.contrib._psc_pulses import CascadeState
 from sal_jax.contrib._psc_pulses import PulseStatus
@@ -43,6 +43,8 @@ from sal_jax.contrib._psc_pulses import pulse_is_viable
 from sal_jax.contrib._psc_pulses import viable_pulses
 from sal_jax.contrib._psc_split import place_children
 from sal_jax.contrib._psc_split import spawn_children
+
+_WHERE = "sal_jax.contrib.cascade_step"
 
 
 def cascade_step(
@@ -130,8 +132,8 @@ def cascade_step(
     The original SAL library, ``sal.psc.PulseCascade.step``,
     ``_split_pulse`` and ``_attempt_merges``.
   """
-  check_number("max_generations", max_generations, 0)
-  check_number("noise_scale", noise_scale, 0.0)
+  _validation.check_number(_WHERE, "max_generations", max_generations, 0)
+  _validation.check_number(_WHERE, "noise_scale", noise_scale, 0.0)
   try:
     hash((evolve_fn, measure_fn))
     body = _cascade_step_jit

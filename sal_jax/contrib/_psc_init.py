@@ -15,15 +15,9 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from sal_jax._common import validation as _validation
 from sal_jax.contrib._psc_pulses import CascadeState
 from sal_jax.contrib._psc_pulses import PulseStatus
 from sal_jax.contrib._psc_pulses import pulse_fitness
-
-
-def check_number(name: str, value: Any, low: float) -> None:
-  if _validation.is_python_number(value) and not value >= low:
-    raise ValueError(f"sal_jax: {name} must be >= {low}, got {value!r}.")
 
 
 def _check_finite_if_concrete(x: Any, message: str) -> None:
