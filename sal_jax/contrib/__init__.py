@@ -41,7 +41,7 @@ __all__ = (
     "viable_pulses",
 )
 
-# The baselines moved to sal_jax.baselines; they resolve here, with a
-# DeprecationWarning, for one release.
+# The baselines also resolve here, with a DeprecationWarning naming
+# sal_jax.baselines, until the next release.
 __getattr__ = _deprecation.moved_names(
     "sal_jax.contrib", dict.fromkeys(_baselines.__all__, "sal_jax.baselines"))
