@@ -35,7 +35,7 @@ import numpy as np
 import optax
 
 import sal_jax as sal
-from sal_jax import contrib
+from sal_jax import baselines
 
 import cl_methods
 import cl_protocols
@@ -108,7 +108,7 @@ def _fisher(params, x, y, masks):
             y.reshape(-1, FISHER_CHUNK),
             masks.reshape(-1, FISHER_CHUNK, masks.shape[-1]))
   per_chunk = jax.lax.map(
-      lambda c: contrib.empirical_fisher(example_loss, params, c), chunks)
+      lambda c: baselines.empirical_fisher(example_loss, params, c), chunks)
   return jax.tree.map(lambda f: jnp.mean(f, 0), per_chunk)
 
 

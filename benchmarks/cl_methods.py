@@ -30,7 +30,7 @@ import numpy as np
 import optax
 
 import sal_jax as sal
-from sal_jax import contrib
+from sal_jax import baselines
 
 BUDGET = 12
 LR_CENTER = {"permuted_digits": 3e-3, "split_mnist1d": 3e-3,
@@ -99,11 +99,11 @@ def _ewc_boundary(online: bool) -> Callable:
   def boundary(opt_state, params, params_before, fisher, hp):
     del params_before, hp
     if online:
-      opt_state = contrib.ewc_consolidate(opt_state, params, fisher(),
+      opt_state = baselines.ewc_consolidate(opt_state, params, fisher(),
                                           online=True,
                                           decay=ONLINE_EWC_DECAY)
     else:
-      opt_state = contrib.ewc_consolidate(opt_state, params, fisher())
+      opt_state = baselines.ewc_consolidate(opt_state, params, fisher())
     return opt_state, params
   return boundary
 
@@ -120,7 +120,7 @@ def _wise_ft_boundary(opt_state, params, params_before, fisher, hp):
 
 def _averaged(opt_state, params):
   del params
-  return contrib.averaged_params(opt_state)
+  return baselines.averaged_params(opt_state)
 
 
 def _penalty_then_adamw(penalty: Callable) -> Callable:
@@ -161,36 +161,36 @@ METHODS = {m.name: m for m in (
                sal.protect(estimator="reference", threshold=hp["threshold"]),
                optax.adamw(hp["lr"])),
            "lr", {"lr": HALF_DECADES_6, "threshold": (0.5, 0.9)}),
-    Method("ewc", "chain(contrib.ewc(strength), adamw(lr)) + ewc_consolidate "
-           "at boundaries", _penalty_then_adamw(contrib.ewc), "strength",
+    Method("ewc", "chain(baselines.ewc(strength), adamw(lr)) + ewc_consolidate "
+           "at boundaries", _penalty_then_adamw(baselines.ewc), "strength",
            {"lr": HALF_DECADES_3, "strength": STRENGTHS_EWC},
            boundary=_ewc_boundary(online=False)),
     Method("online_ewc", "ewc + ewc_consolidate(online=True, "
            f"decay={ONLINE_EWC_DECAY}) at boundaries",
-           _penalty_then_adamw(contrib.ewc), "strength",
+           _penalty_then_adamw(baselines.ewc), "strength",
            {"lr": HALF_DECADES_3, "strength": STRENGTHS_EWC},
            boundary=_ewc_boundary(online=True)),
-    Method("streaming_ewc", "chain(contrib.streaming_ewc(strength), adamw)",
-           _penalty_then_adamw(contrib.streaming_ewc), "strength",
+    Method("streaming_ewc", "chain(baselines.streaming_ewc(strength), adamw)",
+           _penalty_then_adamw(baselines.streaming_ewc), "strength",
            {"lr": HALF_DECADES_3, "strength": STRENGTHS_EWC}),
-    Method("streaming_si", "chain(contrib.streaming_si(strength), adamw)",
-           _penalty_then_adamw(contrib.streaming_si), "strength",
+    Method("streaming_si", "chain(baselines.streaming_si(strength), adamw)",
+           _penalty_then_adamw(baselines.streaming_si), "strength",
            {"lr": HALF_DECADES_3, "strength": STRENGTHS_PATH}),
-    Method("streaming_mas", "chain(contrib.streaming_mas(strength), adamw)",
-           _penalty_then_adamw(contrib.streaming_mas), "strength",
+    Method("streaming_mas", "chain(baselines.streaming_mas(strength), adamw)",
+           _penalty_then_adamw(baselines.streaming_mas), "strength",
            {"lr": HALF_DECADES_3, "strength": STRENGTHS_PATH}),
-    Method("l2_init", "chain(contrib.l2_init(strength), adamw)",
-           _penalty_then_adamw(contrib.l2_init), "strength",
+    Method("l2_init", "chain(baselines.l2_init(strength), adamw)",
+           _penalty_then_adamw(baselines.l2_init), "strength",
            {"lr": HALF_DECADES_3, "strength": (1e-4, 1e-3, 1e-2, 1e-1)}),
-    Method("upgd", "contrib.upgd(lr, noise_std=noise)",
-           lambda hp, key: contrib.upgd(hp["lr"], noise_std=hp["noise"],
+    Method("upgd", "baselines.upgd(lr, noise_std=noise)",
+           lambda hp, key: baselines.upgd(hp["lr"], noise_std=hp["noise"],
                                         key=key),
            "noise", {"lr": HALF_DECADES_3,
                      "noise": (1e-4, 1e-3, 1e-2, 1e-1)}, sgd_scale=True),
-    Method("weight_average", "chain(adamw(lr), contrib.weight_average(decay))"
+    Method("weight_average", "chain(adamw(lr), baselines.weight_average(decay))"
            ", evaluated on the average",
            lambda hp, key: optax.chain(optax.adamw(hp["lr"]),
-                                       contrib.weight_average(hp["decay"])),
+                                       baselines.weight_average(hp["decay"])),
            "decay", {"lr": HALF_DECADES_3,
                      "decay": (0.9, 0.99, 0.999, 0.9999)},
            eval_params=_averaged),
@@ -198,8 +198,8 @@ METHODS = {m.name: m for m in (
            "alpha (theta - theta_before)", _adamw, "alpha",
            {"lr": HALF_DECADES_3, "alpha": (0.2, 0.4, 0.6, 0.8)},
            boundary=_wise_ft_boundary),
-    Method("momentum_filter", "contrib.momentum_filter(lr, fraction) (MoFO)",
-           lambda hp, key: contrib.momentum_filter(hp["lr"],
+    Method("momentum_filter", "baselines.momentum_filter(lr, fraction) (MoFO)",
+           lambda hp, key: baselines.momentum_filter(hp["lr"],
                                                    hp["fraction"]),
            "fraction", {"lr": HALF_DECADES_3,
                         "fraction": (0.01, 0.03, 0.1, 0.3)}),

@@ -16,8 +16,8 @@ pretrained model, on the same batches per seed:
 
 ==============  ========================================================
 ``adamw``       plain AdamW (knob: learning rate)
-``l2_init``     ``contrib.l2_init`` toward the pretrained weights (strength)
-``ewc``         ``contrib.ewc`` with the Fisher of stages 1-2 (strength)
+``l2_init``     ``baselines.l2_init`` toward the pretrained weights (strength)
+``ewc``         ``baselines.ewc`` with the Fisher of stages 1-2 (strength)
 ``lora``        ``nnx.LoRA`` on the attention and MLP matrices (rank)
 ``wise_ft``     interpolation pretrained -> AdamW fine-tuned (coefficient)
 ``replay``      a fraction of each code batch is prose (uses old data)
@@ -59,7 +59,7 @@ from flax import nnx
 from tqdm import tqdm
 
 import sal_jax as sal
-from sal_jax import contrib
+from sal_jax import baselines
 
 sys.path.insert(0, str(pathlib.Path(__file__).parent))
 import byte_lm as lm  # pylint: disable=g-import-not-at-top,wrong-import-position
@@ -329,9 +329,9 @@ class Methods:
     self.tx = {
         "adamw": optax.inject_hyperparams(optax.adamw)(learning_rate=base_lr),
         "l2_init": optax.chain(
-            optax.inject_hyperparams(contrib.l2_init)(strength=1.0), adamw),
+            optax.inject_hyperparams(baselines.l2_init)(strength=1.0), adamw),
         "ewc": optax.chain(
-            optax.inject_hyperparams(contrib.ewc)(strength=1.0), adamw),
+            optax.inject_hyperparams(baselines.ewc)(strength=1.0), adamw),
         "replay": adamw,
         "sal": optax.chain(
             optax.inject_hyperparams(sal.protect)(restore=1.0), adamw),
@@ -351,7 +351,7 @@ class Methods:
               "sal_probe": "budget", "sal_probe_loss": "budget"}[name]
       set_hyperparam(optimizer, knob, value, index=0)
     if name == "ewc":
-      contrib.ewc_consolidate(optimizer, self.params, self.fisher)
+      baselines.ewc_consolidate(optimizer, self.params, self.fisher)
     if name in ("sal", "sal_probe", "sal_probe_loss"):
       sal.consolidate(optimizer, self.params, self.fisher)
     return optimizer
