@@ -234,7 +234,8 @@ def main():
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--p", type=int, default=59)
   parser.add_argument("--train-fraction", type=float, default=0.5)
-  parser.add_argument("--steps", type=int, default=2500)
+  parser.add_argument("--steps", type=int, default=None,
+                      help="training steps per seed (2500; 1200 with --quick)")
   parser.add_argument("--lr", type=float, default=3e-3)
   parser.add_argument("--weight-decay", type=float, default=1.0)
   parser.add_argument("--embed", type=int, default=64)
@@ -250,11 +251,13 @@ def main():
                       help="an event more than this many steps before the "
                       "transition is a false alarm")
   parser.add_argument("--quick", action="store_true",
-                      help="one seed, 1200 steps (a smoke run)")
+                      help="the first seed only, 1200 steps (a smoke run)")
   parser.add_argument("--out", default="outputs")
   args = parser.parse_args()
   if args.quick:
-    args.seeds, args.steps = args.seeds.split(",")[0], 1200
+    args.seeds = args.seeds.split(",")[0]
+  if args.steps is None:
+    args.steps = 1200 if args.quick else 2500
 
   seeds = [int(s) for s in args.seeds.split(",")]
   t0 = time.perf_counter()
