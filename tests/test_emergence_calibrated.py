@@ -1,7 +1,5 @@
 """Calibrated emergence field: events relative to the run's own history."""
 
-import functools
-
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -24,12 +22,19 @@ def _stream(steps, jump_at, seed=0):
   return jnp.asarray(np.stack(out), jnp.float32)
 
 
+# One compiled step for every test: the settings are traced arguments.
+_STEP = jax.jit(emergence.calibrated_observe)
+_DEFAULTS = dict(decay=0.99, warmup=100, threshold=4.0, cooldown=0,
+                 watch=(True, True, True, True), min_std=1e-6)
+
+
 def _run(patterns, **kw):
+  kw = {**_DEFAULTS, **kw}
+  kw["watch"] = jnp.asarray(kw["watch"])
   state = emergence.calibrated_init(D, history_length=8)
-  step = jax.jit(functools.partial(emergence.calibrated_observe, **kw))
   reports = []
   for p in patterns:
-    report, state = step(state, p)
+    report, state = _STEP(state, p, **kw)
     reports.append(report)
   return jax.device_get(reports), state
 
