@@ -7,9 +7,18 @@ prompt): a pulse evolves by a decoder-encoder round trip
 (``z <- (z + enc(dec(z))) / 2``, a pull toward what the autoencoder can
 draw), and is measured by an emergence field on its decoded image
 (coherence of the image, novelty against the images the cascade already let
-emerge, resonance with their centroid). After every cascade step the
+emerge, resonance with their centroid). After a cascade step the
 emergent pulse's image is observed by the field, so novelty rewards what
 has not emerged yet. The whole run (cascade + field) is one ``lax.scan``.
+
+What keeps the cascade exploring (with the original's settings,
+``--remember every --history 16 --max-pulses 48 --max-generations 10``,
+it stops splitting after about ten steps): the field remembers a pulse
+only when it newly emerges and only the last two (``--remember new
+--history 2``), so a pulse's novelty recovers once others have emerged;
+slots are never reused and every split adds a generation, so the capacity
+and the generation cap are raised (``--max-pulses 256 --max-generations
+1000``). The cascade's rules themselves are the original's.
 
 Prints the cascade's statistics and lineages, and saves the emergent pulse
 decoded next to its prompt, plus a lineage / flow plot of the run.
@@ -98,7 +107,7 @@ def make_cascade(model, args):
     return 0.5 * z + 0.5 * encode(decode(z))
 
   def one_step(carry, key):
-    state, field = carry
+    state, field, last = carry
 
     def measure(z):
       report, _ = sal.emergence.observe(field, decode(z))  # a look, no update
@@ -108,17 +117,24 @@ def make_cascade(model, args):
         state, key, evolve, measure, max_generations=args.max_generations,
         merge_threshold=args.merge_threshold, noise_scale=args.noise)
     slot, state = contrib.emerge(state)
-    _, field = sal.emergence.observe(field, decode(state.embeddings[slot]))
+    _, seen = sal.emergence.observe(field, decode(state.embeddings[slot]))
+    # "new": the field remembers a pulse only when it first emerges, so a
+    # pulse that stays emergent does not shrink the field's spread to zero.
+    remember = (slot != last) if args.remember == "new" else True
+    field = jax.tree.map(lambda a, b: jnp.where(remember, a, b), seen, field)
     record = dict(status=state.status, viable=contrib.viable_pulses(state),
                   fitness=contrib.pulse_fitness(state.coherence,
                                                 state.novelty,
                                                 state.resonance),
-                  emergent=slot)
-    return (state, field), record
+                  emergent=slot, spread=field.variance,
+                  splits=state.total_created, merges=state.total_merges)
+    return (state, field, slot), record
 
   @jax.jit
   def run(state, field, keys):
-    return jax.lax.scan(one_step, (state, field), keys)
+    (state, field, _), history = jax.lax.scan(
+        one_step, (state, field, jnp.int32(-1)), keys)
+    return (state, field), history
 
   return run, jax.jit(encode), jax.jit(decode)
 
@@ -201,9 +217,12 @@ def plot(history, final, prompts, images, lineages, emergent, path):
   ax.plot(x, np.asarray(history["viable"]).sum(1), label="viable")
   for code in (1, 2, 3, 5):
     ax.plot(x, (status == code).sum(1), label=STATUS_NAMES[code])
-  ax.plot(x, (status == 0).sum(1), "--", color="0.5", label="free slots")
   ax.set(xlabel="cascade step", ylabel="pulses", xlim=(0.5, steps + 0.5))
-  ax.legend(fontsize=7, ncol=6)
+  ax.legend(fontsize=7, ncol=5, loc="upper left")
+  # Free slots on their own axis: the capacity can dwarf the population.
+  free_ax = ax.twinx()
+  free_ax.plot(x, (status == 0).sum(1), "--", color="0.5")
+  free_ax.set_ylabel("free slots (dashed)", color="0.5")
   fig.tight_layout()
   fig.savefig(path, dpi=110)
   plt.close(fig)
@@ -225,6 +244,11 @@ def save_pair(prompt, emergent_img, slot, path):
   plt.close(fig)
 
 
+def _last(counts):
+  hit = np.flatnonzero(counts)
+  return int(hit[-1]) + 1 if hit.size else None
+
+
 def main():
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--epochs", type=int, default=40)
@@ -234,12 +258,15 @@ def main():
   parser.add_argument("--prompts", default="3,7",
                       help="digit classes of the prompts (one lineage each)")
   parser.add_argument("--steps", type=int, default=30)
-  parser.add_argument("--max-pulses", type=int, default=48)
-  parser.add_argument("--max-generations", type=int, default=10)
+  parser.add_argument("--max-pulses", type=int, default=256)
+  parser.add_argument("--max-generations", type=int, default=1000)
   parser.add_argument("--merge-threshold", type=float, default=0.8)
   parser.add_argument("--noise", type=float, default=1.0,
                       help="children's latent noise scale (latent std ~1.7)")
-  parser.add_argument("--history", type=int, default=16)
+  parser.add_argument("--history", type=int, default=2)
+  parser.add_argument("--remember", choices=("every", "new"), default="new",
+                      help="the field observes the emergent pulse every step "
+                      "or only when a new pulse emerges")
   parser.add_argument("--seed", type=int, default=0)
   parser.add_argument("--out", default="outputs")
   args = parser.parse_args()
@@ -277,6 +304,15 @@ def main():
   print(f"\nAutoencoder test MSE {test_mse:.4f}; cascade of {args.steps} "
         f"steps from prompts {classes}; wall time {elapsed:.1f} s")
   print("statistics: " + ", ".join(f"{k}={v}" for k, v in stats.items()))
+  splits = np.diff(np.asarray(history["splits"]), prepend=len(classes)) // 2
+  merges = np.diff(np.asarray(history["merges"]), prepend=0)
+  thirds = np.array_split(np.arange(args.steps), 3)
+  print("splits / merges per third of the run: " + ", ".join(
+      f"steps {t[0] + 1}-{t[-1] + 1}: {int(splits[t].sum())} / "
+      f"{int(merges[t].sum())}" for t in thirds if t.size))
+  print(f"last step with a split: {_last(splits)}, with a merge: "
+        f"{_last(merges)}; field spread at the end "
+        f"{float(history['spread'][-1]):.2e}")
   print("| lineage (root) | prompt | members | active | generations | "
         "best pulse | best fitness | overall fitness |")
   print("|---|---|---|---|---|---|---|---|")

@@ -1,5 +1,6 @@
-"""Smoke tests: the emergence and pulse-cascade examples run end to end."""
+"""Smoke tests: the emergence, grokking and pulse-cascade examples run."""
 
+import json
 import pathlib
 import subprocess
 import sys
@@ -10,12 +11,14 @@ pytestmark = pytest.mark.slow  # each test runs an example or benchmark
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
-# Tiny settings; both examples are started at once (they are independent).
+# Tiny settings; the examples are started at once (they are independent).
 RUNS = {
     "emergence_field": ("emergence_field.py", "--epochs", "1", "--history",
                         "8"),
     "pulse_cascade": ("pulse_cascade.py", "--epochs", "2", "--steps", "4",
                       "--max-pulses", "12"),
+    "grokking": ("grokking.py", "--quick", "--steps", "300", "--warmup",
+                 "100"),
 }
 
 
@@ -50,7 +53,23 @@ def test_pulse_cascade_runs_and_writes_its_plots(outputs):
   assert code == 0, err[-3000:]
   assert "statistics: current_step=4," in out
   assert "| lineage (root) |" in out and "emergent pulse: slot" in out
+  assert "splits / merges per third of the run: steps 1-2:" in out
   for name in ("pulse_cascade.png", "pulse_cascade_emergent.png"):
     path = tmp_path / name
     assert f"written to {path}" in out
     assert path.stat().st_size > 5_000
+
+
+def test_grokking_runs_and_writes_its_json_and_plot(outputs):
+  code, out, err, tmp_path = outputs["grokking"]
+  assert code == 0, err[-3000:]
+  assert "| seed | memorised | transition |" in out
+  with open(tmp_path / "grokking.json") as f:
+    result = json.load(f)
+  (seed,) = result["seeds"]
+  assert seed["seed"] == 0 and seed["memorised_step"] is not None
+  for key in ("transition_step", "events", "first_event_step",
+              "false_alarms", "reference_events"):
+    assert key in seed
+  assert all(100 < e <= 300 for e in seed["events"])  # after the warm-up
+  assert (tmp_path / "grokking.png").stat().st_size > 10_000
