@@ -85,6 +85,9 @@ def test_unknown_names_still_raise_attribute_error():
       sal.no_such_name  # noqa: B018
     with pytest.raises(AttributeError, match="no_such_name"):
       contrib.no_such_name  # noqa: B018
+    # New in a namespace, never at the top level: no old path to keep.
+    with pytest.raises(AttributeError, match="calibrated_init"):
+      sal.calibrated_init  # noqa: B018
 
 
 def _modules():
