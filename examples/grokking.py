@@ -50,7 +50,7 @@ SIGNALS = ("coherence", "novelty", "resonance", "intensity")
 
 
 class Settings(NamedTuple):
-  """The calibrated fields' settings (traced: changing them never recompiles)."""
+  """The calibrated fields' settings (traced: they never recompile)."""
   decay: float
   warmup: int
   threshold: float

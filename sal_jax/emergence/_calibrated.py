@@ -287,15 +287,19 @@ def calibrated_observe(
   _check("min_std", min_std, lambda x: x >= 0.0, ">= 0")
   _check("allowance", allowance, lambda x: x >= 0.0, ">= 0")
   for name, value in (("watch", watch), ("direction", direction)):
-    if np.shape(value) != (_NUM_SIGNALS,):
+    shape = jnp.shape(jnp.asarray(value))  # a tuple may hold tracers
+    if shape != (_NUM_SIGNALS,):
       raise ValueError(
           f"sal_jax: {name} must be four entries (coherence, novelty, "
-          f"resonance, intensity), got shape {np.shape(value)}.")
-  if not isinstance(direction, jax.core.Tracer):
+          f"resonance, intensity), got shape {shape}.")
+  try:  # Only a concrete direction can be checked (a traced one cannot).
     concrete = np.asarray(direction, np.float64)
-    if not np.all(np.abs(concrete) == 1.0):
-      raise ValueError(
-          f"sal_jax: direction entries must be +1 or -1, got {concrete}.")
+  except (jax.errors.TracerArrayConversionError,
+          jax.errors.ConcretizationTypeError):
+    concrete = None
+  if concrete is not None and not np.all(np.abs(concrete) == 1.0):
+    raise ValueError(
+        f"sal_jax: direction entries must be +1 or -1, got {concrete}.")
   reference, field = observe(state.field, pattern)  # validates the pattern
   return _calibrate(state, field, reference, decay, warmup, threshold,
                     cooldown, jnp.asarray(watch, bool), min_std, allowance,
