@@ -125,3 +125,125 @@ def test_wrong_pattern_size_and_bad_init_raise():
     emergence.calibrated_observe(emergence.calibrated_init(D), jnp.ones(D + 1))
   with pytest.raises(ValueError, match="dimensions"):
     emergence.calibrated_init(0)
+
+
+# --- The CUSUM detector: slow, sustained drifts. ---------------------------
+
+_X = np.linspace(0.0, 1.0, D)
+
+
+def _chirp(steps, drift_at, rate=0.02, noise=0.01, seed=0):
+  """cos(w x) plus noise; w rises by `rate` a step from drift_at on.
+
+  The rising frequency makes the pattern less smooth: coherence falls
+  slowly (about 0.005 a step at first), with no jump anywhere.
+  """
+  rng = np.random.default_rng(seed)
+  t = np.arange(steps)[:, None]
+  omega = 2.0 + rate * np.maximum(t - drift_at, 0)
+  return jnp.asarray(np.cos(omega * _X) + noise * rng.normal(size=(steps, D)),
+                     jnp.float32)
+
+
+_CUSUM = dict(decay=0.99, warmup=100, threshold=10.0, cooldown=0,
+              watch=(True, False, False, False), min_std=1e-6,
+              allowance=1.0, direction=(-1.0, 1.0, 1.0, 1.0), freeze=True,
+              reset=False)
+_CUSUM_TRACES = []
+
+
+@jax.jit
+def _cusum_scan(patterns, settings):
+  """All patterns through one field; the settings are traced."""
+  _CUSUM_TRACES.append(1)
+
+  def body(state, pattern):
+    report, state = emergence.calibrated_observe(
+        state, pattern, detector="cusum", **settings)
+    return state, report
+
+  state = emergence.calibrated_init(D, history_length=8)
+  return jax.lax.scan(body, state, patterns)
+
+
+def _cusum_run(patterns, **kw):
+  settings = {k: jnp.asarray(v) for k, v in {**_CUSUM, **kw}.items()}
+  state, reports = jax.device_get(_cusum_scan(patterns, settings))
+  return np.flatnonzero(reports.is_emergent), reports, state
+
+
+def test_cusum_fires_once_after_a_slow_drift_starts_and_not_before():
+  fired, reports, _ = _cusum_run(_chirp(400, drift_at=250))
+  assert fired.tolist() and fired.size == 1, fired
+  assert 250 < fired[0] < 290, fired
+  # The statistic stays near 0 on the flat stretch, then grows.
+  assert reports.score[101:250].max() < 10.0
+  assert reports.score[-1] > 100.0
+
+
+def test_cusum_with_reset_fires_repeatedly_during_the_drift_only():
+  fired, _, _ = _cusum_run(_chirp(400, drift_at=250), reset=True)
+  assert fired.size > 3 and fired.min() > 250, fired
+
+
+def test_zscore_against_running_moments_misses_a_drift_the_cusum_sees():
+  # The contrast that motivates the CUSUM: on a noisier, slower drift the
+  # running moments follow it and the z-score stays below 4 (it peaks near
+  # 3.7), while the CUSUM on the same signal fires once, soon after it starts.
+  patterns = _chirp(600, drift_at=250, rate=0.004, noise=0.05)
+  reports, _ = _run(patterns, warmup=100, threshold=4.0,
+                    watch=(True, False, False, False))
+  assert not any(r.is_emergent for r in reports)
+  fired, _, _ = _cusum_run(patterns)
+  assert fired.size == 1 and 250 < fired[0] < 320, fired
+
+
+def test_cusum_direction_chooses_the_side():
+  fired, _, _ = _cusum_run(_chirp(400, drift_at=250),
+                           direction=(1.0, 1.0, 1.0, 1.0))
+  assert fired.size == 0, fired
+
+
+@pytest.mark.parametrize("seed", [1, 2])
+def test_cusum_is_quiet_on_a_long_stationary_noisy_stream(seed):
+  # The example's settings (examples/grokking.py), every signal watched,
+  # each on both sides (two fields), over 3000 noisy, stationary patterns.
+  patterns = _chirp(3000, drift_at=10**6, noise=0.05, seed=seed)
+  kw = dict(warmup=300, threshold=20.0, allowance=5.0,
+            watch=(True, True, True, True))
+  for direction in ((1.0,) * 4, (-1.0,) * 4):
+    fired, reports, _ = _cusum_run(patterns, direction=direction, **kw)
+    assert fired.size == 0, (direction, fired)
+    assert reports.warm[-1]
+
+
+def test_cusum_compiles_once_and_keeps_shapes():
+  _cusum_run(_chirp(64, drift_at=32))
+  before = len(_CUSUM_TRACES)
+  for kw in (dict(threshold=3.0), dict(allowance=0.0, freeze=False),
+             dict(reset=True, direction=(1.0, -1.0, 1.0, -1.0)),
+             dict(warmup=10, watch=(True, True, True, True))):
+    _, _, state = _cusum_run(_chirp(64, drift_at=32), **kw)
+  assert len(_CUSUM_TRACES) == before
+  assert state.cusum.shape == (4,) and state.cusum.dtype == np.float32
+
+
+def test_cusum_ignores_a_nan_pattern_and_freeze_stops_the_moments():
+  patterns = _chirp(120, drift_at=10**6).at[110].set(jnp.nan)
+  fired, reports, state = _cusum_run(patterns, warmup=50)
+  assert fired.size == 0 and not reports.is_emergent[110]
+  np.testing.assert_array_equal(reports.score[110], reports.score[109])
+  assert int(state.seen) == 50  # frozen at the end of the warm-up
+  assert np.all(np.isfinite(state.cusum))
+
+
+@pytest.mark.parametrize("kw, message", [
+    (dict(detector="page"), "detector"),
+    (dict(detector="cusum", allowance=-0.5), "allowance"),
+    (dict(detector="cusum", direction=(1.0, 0.0, 1.0, 1.0)), "direction"),
+    (dict(detector="cusum", direction=(1.0, -1.0)), "direction"),
+])
+def test_cusum_bad_arguments_raise(kw, message):
+  state = emergence.calibrated_init(D)
+  with pytest.raises(ValueError, match=message):
+    emergence.calibrated_observe(state, jnp.ones(D), **kw)

@@ -18,7 +18,7 @@ RUNS = {
     "pulse_cascade": ("pulse_cascade.py", "--epochs", "2", "--steps", "4",
                       "--max-pulses", "12"),
     "grokking": ("grokking.py", "--quick", "--steps", "300", "--warmup",
-                 "100"),
+                 "100", "--cusum-warmup", "100"),
 }
 
 
@@ -68,8 +68,12 @@ def test_grokking_runs_and_writes_its_json_and_plot(outputs):
     result = json.load(f)
   (seed,) = result["seeds"]
   assert seed["seed"] == 0 and seed["memorised_step"] is not None
-  for key in ("transition_step", "events", "first_event_step",
-              "false_alarms", "reference_events"):
+  for key in ("transition_step", "events", "first_event_step", "lead_steps",
+              "false_alarms", "zscore_events", "zscore_false_alarms",
+              "reference_events", "reference_false_alarms"):
     assert key in seed
-  assert all(100 < e <= 300 for e in seed["events"])  # after the warm-up
+  assert seed["detector"] == "cusum"
+  for key in ("events", "zscore_events"):  # after the warm-ups
+    assert all(100 < e <= 300 for e in seed[key]), (key, seed[key])
+  assert "CUSUM: first event before the transition" in out
   assert (tmp_path / "grokking.png").stat().st_size > 10_000

@@ -4,7 +4,8 @@
 hidden layer, an embedding) with a fixed-size memory, jittable, ``vmap``-able
 and ``scan``-able; the scores are also available one by one.
 :func:`calibrated_init` and :func:`calibrated_observe` add a rule relative
-to the run's own history: a signal far from its running mean.
+to the run's own history: a signal far from its running mean (z-score), or
+a sustained drift from a reference level (one-sided CUSUM).
 """
 
 from sal_jax.emergence._calibrated import CalibratedEmergence
