@@ -18,6 +18,7 @@ nnx = pytest.importorskip("flax.nnx")
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "examples"))
 import byte_lm as lm  # noqa: E402  pylint: disable=wrong-import-position
+import finetune_lm  # noqa: E402  pylint: disable=wrong-import-position
 
 METHODS = ("adamw", "l2_init", "ewc", "lora", "wise_ft", "replay", "sal",
            "sal_probe", "sal_continued", "sal_probe_loss")
@@ -138,3 +139,13 @@ def test_quick_run_writes_the_documented_report(tmp_path):
       "points"]
   assert merged["merged"][0]["methods"] == ["sal"]
   assert merged["methods"]["adamw"] == report["methods"]["adamw"]
+
+
+def test_base_lr_is_adamw_least_forgetting_within_two_percent():
+  def runs(new, rise):
+    return [{"new_loss_val": new, "old_loss_rise_val": rise}] * 2
+  adamw = {1e-4: runs(1.80, 0.02), 3e-4: runs(1.66, 0.09),
+           1e-3: runs(1.65, 0.20), 3e-3: runs(1.70, 0.40)}
+  assert finetune_lm.matched_lr(adamw) == 3e-4
+  adamw[3e-4] = runs(1.70, 0.09)  # now outside 1.02 x 1.65
+  assert finetune_lm.matched_lr(adamw) == 1e-3
