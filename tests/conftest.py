@@ -75,3 +75,19 @@ def tiny_model_loss(params, x, y):
   logits = hidden @ params["2.weight"].T + params["2.bias"]
   logp = jax.nn.log_softmax(logits)
   return -jnp.mean(jnp.take_along_axis(logp, y[:, None], axis=1))
+
+
+def two_linear_tasks():
+  """Two regression tasks on overlapping features: ``(x_a, y_a, x_b, y_b)``.
+
+  Task A uses features 0-5, task B features 2-7, so training on B moves
+  weights that A needs: a small problem where forgetting is measurable.
+  float32 numpy arrays.
+  """
+  rng = np.random.default_rng(0)
+  n, d = 64, 8
+  x_a = rng.normal(size=(n, d)) * (np.arange(d) < 6)
+  x_b = rng.normal(size=(n, d)) * (np.arange(d) >= 2)
+  y_a = x_a @ rng.normal(size=d) + 0.5 * rng.normal(size=n)
+  y_b = x_b @ rng.normal(size=d) + 0.5 * rng.normal(size=n)
+  return tuple(v.astype(np.float32) for v in (x_a, y_a, x_b, y_b))

@@ -13,6 +13,7 @@ from sal_jax import baselines
 from sal_jax._common.tree_utils import MISSING_PARAMS_MESSAGE
 from sal_jax.baselines._momentum_filter import _top_fraction_mask
 from conftest import enable_x64
+from conftest import two_linear_tasks
 
 TOL = dict(rtol=2e-5, atol=1e-6)
 SHAPES = {"w": (3, 2), "b": (2,)}
@@ -360,14 +361,7 @@ def test_empirical_fisher_is_mean_squared_per_example_gradient():
 
 
 def test_ewc_forgets_the_first_task_less_than_sgd():
-  rng = np.random.default_rng(0)
-  n, d = 64, 8
-  x_a = rng.normal(size=(n, d)) * (np.arange(d) < 6)   # features 0..5
-  x_b = rng.normal(size=(n, d)) * (np.arange(d) >= 2)  # features 2..7
-  y_a = x_a @ rng.normal(size=d) + 0.5 * rng.normal(size=n)
-  y_b = x_b @ rng.normal(size=d) + 0.5 * rng.normal(size=n)
-  x_a, x_b, y_a, y_b = (jnp.asarray(v, jnp.float32)
-                        for v in (x_a, x_b, y_a, y_b))
+  x_a, y_a, x_b, y_b = (jnp.asarray(v) for v in two_linear_tasks())
 
   def loss(w, example):
     xi, yi = example
@@ -383,7 +377,7 @@ def test_ewc_forgets_the_first_task_less_than_sgd():
 
   sgd = optax.sgd(0.05)
   w_a, _ = jax.jit(lambda w: train(sgd, w, sgd.init(w), x_a, y_a))(
-      jnp.zeros(d))
+      jnp.zeros(x_a.shape[1]))
   loss_a_before = float(loss(w_a, (x_a, y_a)))
 
   ewc_tx = optax.chain(baselines.ewc(5.0), optax.sgd(0.05))

@@ -24,23 +24,14 @@ import optax
 import pytest
 
 import sal_jax as sal
+from conftest import two_linear_tasks
 
 STEPS = 300  # per task
 LR = 0.05
 RESTORE = 30.0
 
 
-def _data():
-  rng = np.random.default_rng(0)
-  n, d = 64, 8
-  x_a = rng.normal(size=(n, d)) * (np.arange(d) < 6)   # features 0..5
-  x_b = rng.normal(size=(n, d)) * (np.arange(d) >= 2)  # features 2..7
-  y_a = x_a @ rng.normal(size=d) + 0.5 * rng.normal(size=n)
-  y_b = x_b @ rng.normal(size=d) + 0.5 * rng.normal(size=n)
-  return tuple(jnp.asarray(v, jnp.float32) for v in (x_a, y_a, x_b, y_b))
-
-
-X_A, Y_A, X_B, Y_B = _data()
+X_A, Y_A, X_B, Y_B = (jnp.asarray(v) for v in two_linear_tasks())
 
 
 def _loss(params, x, y):
