@@ -7,15 +7,15 @@ trained until it plateaus, with every method of ``cl_methods``. Every method
 gets the same tuning budget (12 configurations, the learning rate always
 among them) and the same rule when its choice sits at a grid edge: the grid
 is widened past that edge and the new configurations trained, up to three
-rounds (``cl_grid``); each configuration is one point (plasticity,
-forgetting, average final accuracy) of the method's trade-off front. The configuration
-chosen on the validation split (best average final accuracy among those
-that learn each task to 0.9x the single-task accuracy, ``cl_metrics``) is
-reported on the test split, mean ± std over seeds, and so is each method at
-*matched plasticity* (the configuration whose validation plasticity is
-within 1 point of AdamW's chosen one). Each
-(protocol, method) pair is one jitted program over seeds x configurations
-(``cl_engine``); metrics in ``cl_metrics``.
+rounds (``cl_grid``). Each configuration is one point (plasticity,
+forgetting, average final accuracy) of the method's trade-off front. The
+configuration chosen on the validation split (best average final accuracy
+among those that learn each task to 0.9x the single-task accuracy,
+``cl_metrics``) is reported on the test split, mean ± std over seeds, and so
+is each method at *matched plasticity* (the configuration whose validation
+plasticity is within 1 point of AdamW's chosen one). Each (protocol, method)
+pair is one jitted program over seeds x configurations (``cl_engine``),
+reused by every widening round; metrics in ``cl_metrics``.
 
 Run from the repository root::
 
@@ -179,11 +179,12 @@ def run_protocol(protocol: cl_protocols.Protocol, methods: list[str],
 
 def _merge(old: dict, new: dict, args: argparse.Namespace) -> dict:
   """``old`` with the methods of ``new`` replaced (or added)."""
-  if (old["settings"]["quick"], old["settings"]["seeds"]) != (
-      args.quick, args.seeds):
+  before = (old["settings"]["quick"], old["settings"]["seeds"],
+            old["settings"].get("widening_rounds", 0))
+  if before != (args.quick, args.seeds, args.rounds):
     raise SystemExit("--merge: the results in --out were run with quick="
-                     f"{old['settings']['quick']}, seeds="
-                     f"{old['settings']['seeds']}; run with the same.")
+                     f"{before[0]}, seeds={before[1]}, rounds={before[2]}; "
+                     "run with the same.")
   for name, protocol in new["protocols"].items():
     if name not in old["protocols"]:
       raise SystemExit(f"--merge: protocol {name!r} is not in --out.")
