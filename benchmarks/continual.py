@@ -148,9 +148,8 @@ def run_protocol(protocol: cl_protocols.Protocol, methods: list[str],
                            fast_compile=args.quick)
 
     def choose(raw, configs):
-      entry = cl_metrics.summarize(raw, configs, protocol.segment_tasks,
-                                   floor)
-      return entry["points"][entry["chosen"]]["config"]
+      entries = cl_metrics.points(raw, configs, protocol.segment_tasks)
+      return entries[cl_metrics.select(entries, floor)]["config"]
 
     raw, configs, tuning = cl_grid.tune(run, choose, configs, method.knob,
                                         args.rounds)
