@@ -150,6 +150,14 @@ METHODS = {m.name: m for m in (
                                        optax.adamw(hp["lr"])),
            "strength", {"lr": HALF_DECADES_3,
                         "strength": (0.1, 1.0, 10.0, 100.0)}),
+    Method("sal_factored", "chain(sal.protect(restore=strength, "
+           "granularity='factored'), adamw(lr)) (row and column importance "
+           "per matrix)",
+           lambda hp, key: optax.chain(
+               sal.protect(restore=hp["strength"], granularity="factored"),
+               optax.adamw(hp["lr"])),
+           "strength", {"lr": HALF_DECADES_3,
+                        "strength": (0.1, 1.0, 10.0, 100.0)}),
     Method("sal_budget", "chain(sal.protect(relative_budget=eps), "
            "adamw(lr)) (a data-free drift budget)",
            lambda hp, key: optax.chain(

@@ -20,6 +20,7 @@ import pytest
 
 import sal_jax as sal
 from conftest import enable_x64
+from sal_jax._common import units as sal_units
 
 STEPS = 6
 
@@ -178,7 +179,10 @@ def test_default_protect_in_bfloat16_keeps_dtypes_and_compiles_once():
   state = sal.find_protect_states(opt_state)[0]
   est = state.estimator_state
   assert isinstance(est, sal.ShiftConsolidationState)
-  for tree in (est.anchor, est.importance, est.consolidated):
+  # The anchor is an exact copy (bf16); the statistics are float32.
+  for x, p in zip(jax.tree.leaves(est.anchor), jax.tree.leaves(params)):
+    assert x.dtype == jnp.bfloat16 and x.shape == p.shape
+  for tree in (est.importance, est.consolidated):
     for x, p in zip(jax.tree.leaves(tree), jax.tree.leaves(params)):
       assert x.dtype == jnp.float32 and x.shape == p.shape
   assert isinstance(state.scores, optax.EmptyState)
@@ -190,8 +194,9 @@ def test_default_protect_in_bfloat16_keeps_dtypes_and_compiles_once():
 # --------------------------------------------------------------------------
 # The dtype policy of every estimator's state, with x64 off and on.
 
-# param dtype -> dtype of the estimators' copies/averages of the params
-# (their anchors): the params' own, at least float32.
+# param dtype -> dtype of the consolidation estimator's average of the
+# params (its anchor): the params' own, at least float32. The
+# shift-consolidation anchor is an exact copy, in the params' own dtype.
 _ANCHOR_DTYPE = {"bfloat16": "float32", "float16": "float32",
                  "float32": "float32", "float64": "float64",
                  "complex64": "complex64", "complex128": "complex128"}
@@ -214,14 +219,18 @@ def _mixed_params(x64):
 
 def _expected_estimator_dtypes(state, params, granularity):
   """The documented dtype of every leaf of an estimator state."""
-  unit = lambda p: p.shape if granularity == "element" else ()  # noqa: E731
   f32 = jnp.dtype(jnp.float32)
+
+  def unit(p):
+    if granularity == "factored":
+      return sal_units.Factored((p.shape[:-1], f32), (p.shape[-1:], f32))
+    return (p.shape if granularity == "element" else (), f32)
   if isinstance(state, sal.ReferenceEstimatorState):
     return sal.ReferenceEstimatorState(
         previous_params={k: (p.shape, p.dtype) for k, p in params.items()})
   anchor = {k: (p.shape, jnp.dtype(_ANCHOR_DTYPE[p.dtype.name]))
             for k, p in params.items()}
-  importance = {k: (unit(p), f32) for k, p in params.items()}
+  importance = {k: unit(p) for k, p in params.items()}
   if isinstance(state, sal.ConsolidationState):
     return sal.ConsolidationState(
         count=((), jnp.dtype(jnp.int32)), gradient_energy=((), f32),
@@ -232,7 +241,9 @@ def _expected_estimator_dtypes(state, params, granularity):
       slow_energy=((), f32), log_energy=((2,), f32),
       shifted=((), jnp.dtype(jnp.bool_)),
       consolidations=((), jnp.dtype(jnp.int32)), importance=importance,
-      consolidated=importance, anchor=anchor, reference=((), f32))
+      consolidated=importance,
+      anchor={k: (p.shape, p.dtype) for k, p in params.items()},
+      reference=((), f32))
 
 
 def _shape_dtype(tree):
@@ -240,8 +251,9 @@ def _shape_dtype(tree):
 
 
 @pytest.mark.parametrize("x64", [False, True], ids=["x64-off", "x64-on"])
-@pytest.mark.parametrize("granularity", ["leaf", "element"])
-@pytest.mark.parametrize("estimator", sorted(sal.ESTIMATORS))
+@pytest.mark.parametrize("estimator,granularity", [
+    (e, g) for e in sorted(sal.ESTIMATORS) for g in ("leaf", "element")]
+    + [("shift_consolidation", "factored")])
 def test_every_estimator_state_follows_the_dtype_policy(estimator,
                                                         granularity, x64):
   with enable_x64(x64):

@@ -16,6 +16,9 @@ from __future__ import annotations
 import chex
 import jax
 
+from sal_jax._common import tree_utils as _tree_utils
+from sal_jax._common import units as _units
+
 
 def anchor_pull(
     params: chex.ArrayTree,
@@ -28,8 +31,10 @@ def anchor_pull(
   .. math::
     F_\ell = w_\ell \, s \, (\theta_\ell - \bar\theta_\ell)
 
-  The difference is taken in the anchor's dtype (the params' precision, at
-  least float32).
+  The difference is taken in the params' and anchor's common dtype, at
+  least float32. A weight may be a factored unit
+  (:class:`~sal_jax._common.units.Factored`), expanded inside the
+  elementwise pull.
 
   Args:
     params: the current params.
@@ -48,9 +53,10 @@ def anchor_pull(
     {'w': Array([1.], dtype=float32)}
   """
   def leaf(p, a, w=None):
-    difference = p.astype(a.dtype) - a
+    difference = _tree_utils.difference(p, a)
     if w is None:
       return difference if scale is None else scale * difference
+    w = _units.dense(w)
     weight = w if scale is None else w * scale
     return weight * difference
 

@@ -78,6 +78,18 @@ def state_dtype(x: chex.Array) -> jnp.dtype:
   return jnp.promote_types(jnp.result_type(x), jnp.float32)
 
 
+def difference(p: chex.Array, a: chex.Array) -> jax.Array:
+  """``p - a`` in their common dtype promoted to at least float32.
+
+  An anchor kept in bfloat16 (an exact copy of bfloat16 params) is then
+  subtracted without rounding the difference to bfloat16.
+  """
+  dtype = jnp.promote_types(jnp.promote_types(jnp.result_type(p),
+                                              jnp.result_type(a)),
+                            jnp.float32)
+  return p.astype(dtype) - a.astype(dtype)
+
+
 def real_dtype(dtype: Any) -> jnp.dtype:
   """The real counterpart of a float dtype (complex64 -> float32)."""
   return jnp.finfo(dtype).dtype

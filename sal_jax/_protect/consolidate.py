@@ -16,6 +16,7 @@ import optax
 
 from sal_jax._common import nnx_interop as _nnx_interop
 from sal_jax._common import tree_utils as _tree_utils
+from sal_jax._common import units as _units
 from sal_jax._common import validation as _validation
 from sal_jax._protect import estimators as _estimators
 from sal_jax._protect import metrics as _metrics
@@ -67,10 +68,11 @@ def _consolidate_state(state: _protect.ProtectState, params, fisher,
   new_anchors, new_consolidated = list(anchors), list(consolidated)
   for i in live:
     f = jnp.where(mean > 0, fishers[i] / safe_mean, 0.0)
-    c = consolidated[i]
-    # Per leaf (a scalar importance), the leaf's mean, as the estimator does.
-    unit = f if jnp.shape(c) == f.shape else jnp.mean(f)
-    new_consolidated[i] = (decay * c + unit).astype(c.dtype)
+    # In the estimator's unit: per element, the leaf's mean (a scalar), or
+    # a matrix's row and column means (factored).
+    new_consolidated[i] = jax.tree.map(
+        lambda c, u: (decay * c + u).astype(c.dtype), consolidated[i],
+        _units.factor(f, consolidated[i]))
     new_anchors[i] = jnp.array(leaves["params"][i], dtype=anchors[i].dtype)
   # The distance from the previous anchor: the relative drift's scale.
   travelled = _estimators.weighted_distance(

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Callable
 
+from sal_jax._common import units as _units
 from sal_jax._protect import consolidation as _consolidation
 from sal_jax._protect import estimators as _estimators
 from sal_jax._protect import shift_consolidation as _shift_consolidation
@@ -25,7 +26,8 @@ def get_estimator(estimator: str | _estimators.StabilityEstimator,
   Args:
     estimator: a name in :data:`ESTIMATORS` or a
       :class:`~sal_jax.StabilityEstimator`.
-    granularity: ``"leaf"`` or ``"element"``, passed to named estimators
+    granularity: ``"leaf"``, ``"element"`` or (shift consolidation only)
+      ``"factored"``, passed to named estimators
       (``None``: the estimator's own default); for an instance, ``None`` or
       its own granularity.
 
@@ -43,7 +45,7 @@ def get_estimator(estimator: str | _estimators.StabilityEstimator,
     True
   """
   if granularity is not None:
-    _estimators.validate_granularity(granularity)
+    _estimators.validate_granularity(granularity, _units.UNITS)
   if isinstance(estimator, _estimators.StabilityEstimator):
     if granularity not in (None, estimator.granularity):
       raise ValueError(

@@ -21,6 +21,7 @@ import jax
 import jax.numpy as jnp
 
 from sal_jax._common import tree_utils as _tree_utils
+from sal_jax._common import units as _units
 from sal_jax._common import validation as _validation
 
 GRANULARITIES = ("leaf", "element")
@@ -70,14 +71,15 @@ class ReferenceEstimatorState(NamedTuple):
   previous_params: chex.ArrayTree
 
 
-def validate_granularity(granularity: str) -> None:
-  """Raises ``TypeError`` for a non-string, ``ValueError`` for an unknown
-  granularity."""
+def validate_granularity(granularity: str,
+                         allowed: tuple[str, ...] = GRANULARITIES) -> None:
+  """Raises ``TypeError`` for a non-string, ``ValueError`` for a
+  granularity not in ``allowed``."""
   _validation.check_choice("sal_jax", "granularity", granularity, str)
-  if granularity not in GRANULARITIES:
+  if granularity not in allowed:
     raise ValueError(
         f"sal_jax: unknown granularity {granularity!r}; expected one of "
-        f"{list(GRANULARITIES)}.")
+        f"{list(allowed)}.")
 
 
 def reference_estimator(
@@ -174,13 +176,30 @@ def relative_scores(importance: chex.ArrayTree,
       lambda o: o / (o + relative_importance * mean + TINY), importance)
 
 
+def relative_unit_scores(importance: chex.ArrayTree, params: chex.ArrayTree,
+                         relative_importance: float) -> chex.ArrayTree:
+  """:func:`relative_scores` of units that may be factored (a tree like
+  ``params``; a factored unit's scores are per element)."""
+  units = jax.tree.map(lambda _, o: o, params, importance)
+  flat = jax.tree.leaves(jax.tree.map(lambda p, o: (_units.total(o, p),
+                                                    jnp.size(p)),
+                                      params, units))
+  mean = sum(flat[0::2]) / max(sum(flat[1::2]), 1)
+  return jax.tree.map(
+      lambda _, o: (lambda d: d / (d + relative_importance * mean + TINY))(
+          _units.dense(o)), params, units)
+
+
 def weighted_distance(weights: chex.ArrayTree, params: chex.ArrayTree,
                       anchor: chex.ArrayTree) -> jax.Array:
-  """``sum(w * |theta - anchor|^2)`` over every unit, a float32 scalar."""
+  """``sum(w * |theta - anchor|^2)`` over every unit, a float32 scalar.
+
+  A weight may be a :class:`~sal_jax._common.units.Factored` unit.
+  """
   return sum(jax.tree.leaves(jax.tree.map(
-      lambda w, p, a: jnp.sum(w * jnp.square(_tree_utils.to_real(
-          p.astype(a.dtype) - a))),
-      weights, params, anchor)), jnp.zeros((), jnp.float32))
+      lambda p, a, w: jnp.sum(_units.dense(w) * jnp.square(
+          _tree_utils.to_real(_tree_utils.difference(p, a)))),
+      params, anchor, weights)), jnp.zeros((), jnp.float32))
 
 
 def check_score_shapes(raw, scores, granularity) -> None:

@@ -26,6 +26,7 @@ import optax
 from sal_jax._protect import estimators as _estimators
 from sal_jax._common import anchored_pull
 from sal_jax._common import tree_utils as _tree_utils
+from sal_jax._common import units as _units
 from sal_jax._common import validation as _validation
 
 _TINY = _estimators.TINY
@@ -91,6 +92,7 @@ def shift_consolidation_estimator(
     consolidation_decay: float = DEFAULT_CONSOLIDATION_DECAY,
     relative_importance: float = 1.0,
     noise_multiplier: float = 0.0,
+    running_unit: str | None = None,
 ) -> _estimators.StabilityEstimator:
   r"""Stability as importance consolidated at detected distribution shifts.
 
@@ -202,7 +204,16 @@ def shift_consolidation_estimator(
     Aljundi, Kelchtermans & Tuytelaars, "Task-Free Continual Learning",
     CVPR 2019 (consolidating when the training signal shifts).
   """
-  _estimators.validate_granularity(granularity)
+  _estimators.validate_granularity(granularity, _units.UNITS)
+  if running_unit is None:
+    running_unit = granularity
+  _estimators.validate_granularity(running_unit, _units.UNITS)
+  if (running_unit != granularity
+      and (granularity, running_unit) != ("element", "factored")):
+    raise ValueError(
+        f"{_WHERE}: running_unit={running_unit!r} with "
+        f"granularity={granularity!r}; a running importance coarser than "
+        "the consolidated one is only 'factored' under 'element'.")
   check = functools.partial(_validation.check_number, _WHERE)
   for name, value in (("importance_decay", importance_decay),
                       ("fast_decay", fast_decay), ("slow_decay", slow_decay)):
@@ -224,7 +235,6 @@ def shift_consolidation_estimator(
     raise ValueError(
         f"{_WHERE}: release_ratio must be in (0, shift_ratio], got "
         f"{release_ratio!r}.")
-  per_element = granularity == "element"
   fast_noise = ((1.0 - fast_decay) / (1.0 + fast_decay)) ** 0.5
 
   def init_fn(params):
@@ -236,12 +246,12 @@ def shift_consolidation_estimator(
         shifted=jnp.zeros((), jnp.bool_),
         consolidations=jnp.zeros((), jnp.int32),
         importance=jax.tree.map(
-            lambda p: _tree_utils.unit_zeros(p, per_element), params),
+            lambda p: _units.zeros(p, running_unit), params),
         consolidated=jax.tree.map(
-            lambda p: _tree_utils.unit_zeros(p, per_element), params),
-        # A copy, so that donating the params cannot alias the state.
-        anchor=jax.tree.map(
-            lambda p: jnp.array(p, _tree_utils.state_dtype(p)), params),
+            lambda p: _units.zeros(p, granularity), params),
+        # A copy (exact: the params' own dtype), so that donating the
+        # params cannot alias the state.
+        anchor=jax.tree.map(lambda p: jnp.array(p, copy=True), params),
         reference=jnp.zeros((), jnp.float32),
     )
 
@@ -282,19 +292,22 @@ def shift_consolidation_estimator(
     increment_scale = (1 - importance_decay) / (energy_hat + _TINY)
 
     def accumulate(importance):
-      if per_element:
-        return jax.tree.map(
-            lambda o, g: importance_decay * o + _tree_utils.unit_energy(
-                g, increment_scale, True), importance, updates)
-      return jax.tree.map(
-          lambda o, q, g: importance_decay * o
-          + q / max(g.size, 1) * increment_scale,
-          importance, square_sums, updates)
+      def leaf(g, o, q):
+        if running_unit == "leaf":  # the leaf's sum of squares, read once
+          new = q / max(g.size, 1) * increment_scale
+        else:
+          new = _units.energy(g, increment_scale, running_unit)
+        return jax.tree.map(lambda a, b: importance_decay * a + b, o, new)
+      return jax.tree.map(leaf, updates, importance, square_sums)
 
     def consolidate(consolidated, anchor, importance, reference):
-      consolidated = jax.tree.map(
-          lambda c, o: consolidation_decay * c + o / correction,
-          consolidated, importance)
+      def leaf(p, c, o):
+        if isinstance(o, _units.Factored) and not isinstance(
+            c, _units.Factored):
+          o = _units.dense(o) * jnp.ones(jnp.shape(p), jnp.float32)
+        return jax.tree.map(
+            lambda a, b: consolidation_decay * a + b / correction, c, o)
+      consolidated = jax.tree.map(leaf, params, consolidated, importance)
       travelled = _estimators.weighted_distance(consolidated, params, anchor)
       anchor = jax.tree.map(lambda a, p: p.astype(a.dtype), anchor, params)
       reference = consolidation_decay * reference + travelled
@@ -316,7 +329,11 @@ def shift_consolidation_estimator(
         importance=importance, consolidated=consolidated, anchor=anchor,
         reference=reference.astype(jnp.float32))
 
-    raw = _estimators.relative_scores(consolidated, relative_importance)
+    if granularity == "factored":
+      raw = _estimators.relative_unit_scores(consolidated, params,
+                                             relative_importance)
+    else:
+      raw = _estimators.relative_scores(consolidated, relative_importance)
     return raw, new_state
 
   def restoring_force(state, params):
