@@ -28,7 +28,7 @@ def _params(seed=0):
 def test_reconstruction_keeps_row_and_column_sums(v):
   like = units.zeros(jnp.zeros(v.shape), "factored")
   f = units.factor(jnp.asarray(v, jnp.float32), like)
-  d = np.asarray(units.dense(f), np.float64) * np.ones(v.shape)
+  d = np.asarray(units.dense(f, v), np.float64) * np.ones(v.shape)
   np.testing.assert_allclose(d.sum(-1), v.sum(-1), rtol=1e-4)
   np.testing.assert_allclose(d.sum(-2), v.sum(-2), rtol=1e-4)
   np.testing.assert_allclose(units.total(f, jnp.zeros(v.shape)), v.sum(),
@@ -40,14 +40,14 @@ def test_reconstruction_is_exact_for_rank_one():
   v = np.outer(a, b)
   f = units.factor(jnp.asarray(v, jnp.float32),
                    units.zeros(jnp.zeros(v.shape), "factored"))
-  np.testing.assert_allclose(units.dense(f), v, rtol=1e-6)
+  np.testing.assert_allclose(units.dense(f, v), v, rtol=1e-6)
 
 
 def test_units_keep_their_shapes():
   p = jnp.zeros((4, 3, 5))
-  f = units.zeros(p, "factored")
-  assert isinstance(f, units.Factored)
-  assert f.row.shape == (4, 3) and f.col.shape == (4, 5)
+  f = units.zeros(p, "factored")  # rows then columns, one array
+  row, col = units.split(f, p)
+  assert f.shape == (4, 8) and row.shape == (4, 3) and col.shape == (4, 5)
   assert units.zeros(jnp.zeros(7), "factored").shape == (7,)  # vectors
   assert units.zeros(p, "leaf").shape == ()
   assert units.zeros(p, "element").shape == p.shape
@@ -75,7 +75,8 @@ def test_factored_estimator_is_the_factored_element_estimator():
   """Every operation on the importance is linear, so the factored state is
   the row and column means of the per-element state, step by step, and the
   pull is the per-element pull with the rank-one reconstruction."""
-  element = _run(sal.shift_consolidation_estimator(granularity="element"))
+  element = _run(sal.shift_consolidation_estimator(
+      granularity="element", running_unit="element"))
   factored_est = sal.shift_consolidation_estimator(granularity="factored")
   factored = _run(factored_est)
   assert int(element[-1][0].consolidations) >= 2  # both shifts seen
@@ -85,9 +86,10 @@ def test_factored_estimator_is_the_factored_element_estimator():
       for tree_e, tree_f in ((e.importance, f.importance),
                              (e.consolidated, f.consolidated)):
         if len(shape) == 2:
-          np.testing.assert_allclose(tree_f[k].row, tree_e[k].mean(-1),
+          row, col = units.split(tree_f[k], params[k])
+          np.testing.assert_allclose(row, tree_e[k].mean(-1),
                                      rtol=1e-5, atol=1e-12)
-          np.testing.assert_allclose(tree_f[k].col, tree_e[k].mean(-2),
+          np.testing.assert_allclose(col, tree_e[k].mean(-2),
                                      rtol=1e-5, atol=1e-12)
         else:
           np.testing.assert_allclose(tree_f[k], tree_e[k], rtol=1e-6)
@@ -95,7 +97,7 @@ def test_factored_estimator_is_the_factored_element_estimator():
   force = factored_est.restoring_force(state, params)
   scale = np.sqrt(state.slow_energy / (1 - 0.99 ** int(state.count)))
   for k in SHAPES:
-    weight = units.dense(state.consolidated[k])
+    weight = units.dense(state.consolidated[k], params[k])
     expected = weight * scale * (params[k] - state.anchor[k])
     np.testing.assert_allclose(force[k], expected, rtol=1e-5, atol=1e-9)
 
@@ -105,14 +107,17 @@ def test_factored_running_importance_consolidates_its_reconstruction():
   est = sal.shift_consolidation_estimator(running_unit="factored")
   factored = _run(sal.shift_consolidation_estimator(granularity="factored"))
   states = _run(est)
-  for (s, _), (f, _) in zip(states, factored):
+  for (s, p), (f, _) in zip(states, factored):
     assert int(s.consolidations) == int(f.consolidations)
-    np.testing.assert_allclose(s.importance["w1"].row, f.importance["w1"].row,
+    np.testing.assert_allclose(s.importance["w1"], f.importance["w1"],
                                rtol=1e-6)
     assert s.consolidated["w1"].shape == SHAPES["w1"]
     # Its factors are those of the factored estimator's.
-    np.testing.assert_allclose(s.consolidated["w1"].mean(-1),
-                               f.consolidated["w1"].row, rtol=1e-5)
+    row, col = units.split(f.consolidated["w1"], p["w1"])
+    np.testing.assert_allclose(s.consolidated["w1"].mean(-1), row,
+                               rtol=1e-5)
+    np.testing.assert_allclose(s.consolidated["w1"].mean(-2), col,
+                               rtol=1e-5)
 
 
 def test_running_unit_finer_than_the_consolidated_is_rejected():
@@ -149,10 +154,9 @@ def test_consolidate_factors_the_fisher():
   est = sal.find_protect_states(state)[0].estimator_state
   mean = (sum(float(jnp.sum(f)) for f in jax.tree.leaves(fisher))
           / optax.tree_utils.tree_size(fisher))
-  np.testing.assert_allclose(est.consolidated["w1"].row,
-                             fisher["w1"].mean(-1) / mean, rtol=1e-6)
-  np.testing.assert_allclose(est.consolidated["w1"].col,
-                             fisher["w1"].mean(-2) / mean, rtol=1e-6)
+  row, col = units.split(est.consolidated["w1"], params["w1"])
+  np.testing.assert_allclose(row, fisher["w1"].mean(-1) / mean, rtol=1e-6)
+  np.testing.assert_allclose(col, fisher["w1"].mean(-2) / mean, rtol=1e-6)
   np.testing.assert_allclose(est.consolidated["b1"], fisher["b1"] / mean,
                              rtol=1e-6)
 

@@ -39,6 +39,12 @@ def test_overhead_quick_runs_and_reports(tmp_path):
     gated = sal.get_estimator(estimator).restoring_force is None
     assert f"sal:{estimator}:leaf" in mlp
     assert f"sal:{estimator}:element" + (":rms" if gated else "") in mlp
+  # The factored importance keeps about one copy of the params (the
+  # anchor), the default (anchor, running and consolidated importance) 3.
+  factored = mlp["sal:shift_consolidation:factored"]
+  default = mlp["sal:shift_consolidation:element"]
+  assert 1.0 <= factored["extra_state_over_params"] < 1.5
+  assert 3.0 <= default["extra_state_over_params"] < 3.5
   assert len(models["transformer_tiny"]["methods"]) == 2
   for model in models.values():
     param_bytes = model["param_bytes"]

@@ -62,8 +62,10 @@ def _numpy_reference(grads, params, granularity):
 
 
 def _estimator(granularity):
+  # The replay keeps the running importance in the granularity's own unit
+  # (tests/test_factored.py checks the factored one against it).
   return sal.shift_consolidation_estimator(
-      granularity, importance_decay=GAMMA, fast_decay=FAST, slow_decay=SLOW,
+      granularity, running_unit=granularity, importance_decay=GAMMA, fast_decay=FAST, slow_decay=SLOW,
       shift_ratio=SHIFT, release_ratio=RELEASE, warmup_steps=WARMUP,
       consolidation_decay=KAPPA, noise_multiplier=Z)
 

@@ -32,9 +32,8 @@ def anchor_pull(
     F_\ell = w_\ell \, s \, (\theta_\ell - \bar\theta_\ell)
 
   The difference is taken in the params' and anchor's common dtype, at
-  least float32. A weight may be a factored unit
-  (:class:`~sal_jax._common.units.Factored`), expanded inside the
-  elementwise pull.
+  least float32. A weight may be a factored unit (see
+  :mod:`sal_jax._common.units`), expanded inside the elementwise pull.
 
   Args:
     params: the current params.
@@ -56,7 +55,7 @@ def anchor_pull(
     difference = _tree_utils.difference(p, a)
     if w is None:
       return difference if scale is None else scale * difference
-    w = _units.dense(w)
+    w = _units.dense(w, p)
     weight = w if scale is None else w * scale
     return weight * difference
 

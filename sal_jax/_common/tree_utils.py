@@ -67,6 +67,18 @@ def check_same_structure(
           f"{jax.tree_util.keystr(path)}: {jnp.shape(u)} vs {jnp.shape(p)}.")
 
 
+def check_state_tree(seen: chex.ArrayTree, params: chex.ArrayTree,
+                     where: str) -> None:
+  """Raises ``ValueError`` if a state tree kept per param (``seen``) has
+  another structure than ``params``: the state was initialised for other
+  params."""
+  if jax.tree.structure(seen) != jax.tree.structure(params):
+    raise ValueError(
+        f"{where}: the optimizer state was initialised for a different "
+        "params tree than the one passed to update "
+        f"({jax.tree.structure(seen)} vs {jax.tree.structure(params)}).")
+
+
 def state_dtype(x: chex.Array) -> jnp.dtype:
   """Dtype of a copy or running average of a parameter leaf: >= float32.
 
@@ -121,11 +133,26 @@ def decay_power(decay: Any, count: jax.Array) -> jax.Array:
 
 
 def all_finite(tree: chex.ArrayTree) -> jax.Array:
-  """Whether every entry of every leaf is finite (a bool scalar)."""
+  """Whether every entry of every leaf is finite (a bool scalar).
+
+  As the sum of ``0 * x``: NaN exactly when an entry is NaN or infinite,
+  one reduction per leaf with no elementwise boolean temporary (XLA writes
+  ``isfinite(x)`` to a full-size array before reducing it).
+  """
   leaves = jax.tree.leaves(tree)
   if not leaves:
     return jnp.ones((), jnp.bool_)
-  return jnp.stack([jnp.all(jnp.isfinite(x)) for x in leaves]).all()
+  return jnp.isfinite(sum(jnp.sum(jnp.zeros((), x.dtype) * x)
+                          for x in leaves))
+
+
+def square_sums(tree: chex.ArrayTree) -> chex.ArrayTree:
+  """Each leaf's sum of squared magnitudes, float32 scalars (same tree).
+
+  The estimators and ``protect`` spell it alike, so that XLA computes it
+  once per step however many of them ask for it.
+  """
+  return jax.tree.map(lambda x: jnp.sum(jnp.square(to_real(x))), tree)
 
 
 def leaf_norms(tree: chex.ArrayTree) -> chex.ArrayTree:

@@ -19,6 +19,7 @@ from typing import Any, Callable, NamedTuple
 import chex
 import jax
 import jax.numpy as jnp
+import optax
 
 from sal_jax._common import tree_utils as _tree_utils
 from sal_jax._common import units as _units
@@ -51,6 +52,13 @@ class StabilityEstimator(NamedTuple):
   ``drift_estimate(state, params)``, when given, returns a float32 scalar
   estimate of how far the params drifted from what the estimator protects,
   which ``protect(relative_budget=...)`` keeps at its budget.
+
+  ``guarded``: ``update`` takes a keyword ``finite`` (a bool scalar) and
+  returns its state unchanged where it is False. :func:`sal_jax.protect`
+  then calls it directly instead of under a ``lax.cond`` on finiteness: a
+  conditional around the whole state makes XLA copy the state's large
+  arrays out of its branches every step, where selects fuse into the
+  updates that read them anyway.
   """
   init: EstimatorInitFn
   update: EstimatorUpdateFn
@@ -58,6 +66,7 @@ class StabilityEstimator(NamedTuple):
       None)
   granularity: str = "leaf"
   drift_estimate: Callable[[Any, chex.ArrayTree], jax.Array] | None = None
+  guarded: bool = False
 
 
 class ReferenceEstimatorState(NamedTuple):
@@ -178,26 +187,27 @@ def relative_scores(importance: chex.ArrayTree,
 
 def relative_unit_scores(importance: chex.ArrayTree, params: chex.ArrayTree,
                          relative_importance: float) -> chex.ArrayTree:
-  """:func:`relative_scores` of units that may be factored (a tree like
-  ``params``; a factored unit's scores are per element)."""
-  units = jax.tree.map(lambda _, o: o, params, importance)
-  flat = jax.tree.leaves(jax.tree.map(lambda p, o: (_units.total(o, p),
-                                                    jnp.size(p)),
-                                      params, units))
-  mean = sum(flat[0::2]) / max(sum(flat[1::2]), 1)
-  return jax.tree.map(
-      lambda _, o: (lambda d: d / (d + relative_importance * mean + TINY))(
-          _units.dense(o)), params, units)
+  """:func:`relative_scores` of units that may be factored (see
+  :mod:`sal_jax._common.units`); a factored unit's scores are per element,
+  the mean is over every entry of the params."""
+  totals = jax.tree.leaves(jax.tree.map(_units.total, importance, params))
+  mean = sum(totals) / max(optax.tree_utils.tree_size(params), 1)
+
+  def leaf(o, p):
+    d = _units.dense(o, p)
+    return d / (d + relative_importance * mean + TINY)
+
+  return jax.tree.map(leaf, importance, params)
 
 
 def weighted_distance(weights: chex.ArrayTree, params: chex.ArrayTree,
                       anchor: chex.ArrayTree) -> jax.Array:
   """``sum(w * |theta - anchor|^2)`` over every unit, a float32 scalar.
 
-  A weight may be a :class:`~sal_jax._common.units.Factored` unit.
+  A weight may be a factored unit (see :mod:`sal_jax._common.units`).
   """
   return sum(jax.tree.leaves(jax.tree.map(
-      lambda p, a, w: jnp.sum(_units.dense(w) * jnp.square(
+      lambda p, a, w: jnp.sum(_units.dense(w, p) * jnp.square(
           _tree_utils.to_real(_tree_utils.difference(p, a)))),
       params, anchor, weights)), jnp.zeros((), jnp.float32))
 

@@ -288,13 +288,8 @@ def protect(
     if budget is not None:
       drift = _budget.as_drift(drift)
     _tree_utils.check_same_structure(updates, params)
-    seen = state.protection_rates if gated else getattr(
-        state.estimator_state, "anchor", params)
-    if jax.tree.structure(seen) != jax.tree.structure(params):
-      raise ValueError(
-          "sal_jax.protect: the optimizer state was initialised for a "
-          "different params tree than the one passed to update "
-          f"({jax.tree.structure(seen)} vs {jax.tree.structure(params)}).")
+    _tree_utils.check_state_tree(state.protection_rates if gated else getattr(
+        state.estimator_state, "anchor", params), params, _WHERE)
 
     if axis_name is not None:
       # Per-device updates: work on their cross-device mean, so that every
@@ -303,10 +298,8 @@ def protect(
       if budget is not None:
         drift = jax.lax.pmean(drift, axis_name)
 
-    # Non-finite params (a step that already went wrong) would poison the
-    # estimator's copies and averages of them. Either way the state must not
-    # change, and the updates pass through untouched for apply_if_finite
-    # (or the user) to reject.
+    # Non-finite params or updates: the state must not change, and the
+    # updates pass through untouched for apply_if_finite to reject.
     finite = _tree_utils.all_finite(params)
     if gated:
       # Threshold adaptation from the spread of update magnitudes; NaN or
@@ -327,26 +320,35 @@ def protect(
           m_sum, m_sq_sum, max(m_count, 1), threshold, threshold_adaptation,
           low, high, state.threshold), state.threshold)
     else:
-      finite &= _tree_utils.all_finite(updates)
+      # The squared sums the estimators read too (XLA computes them once);
+      # a squared norm past the float32 range counts as non-finite.
+      finite &= jnp.isfinite(
+          sum(jax.tree.leaves(_tree_utils.square_sums(updates))))
 
-    def advance(scores, estimator_state):
+    def advance(scores, estimator_state, *finite_arg):
+      # finite_arg: (finite,) for a guarded estimator, which keeps its own
+      # state on a non-finite step (selects fused into its updates).
+      kwargs = {"finite": finite_arg[0]} if finite_arg else {}
       raw, estimator_state = stability.update(
-          updates, estimator_state, params)
+          updates, estimator_state, params, **kwargs)
       if gated:
         _estimators.check_score_shapes(raw, scores, granularity)
         scores = jax.tree.map(
-            lambda r, s: (score_ema * r + (1.0 - score_ema)
-                          * s.astype(jnp.float32)).astype(dtype),
-            raw, scores)
+            lambda r, s: jnp.where(finite, (
+                score_ema * r + (1.0 - score_ema) * s.astype(jnp.float32)
+            ).astype(dtype), s), raw, scores)
       return scores, estimator_state
 
-    # A conditional rather than a select between new and old state: the
-    # untaken branch moves no data, and state an estimator leaves as it was
-    # (an anchor between consolidations) is not copied every step (on GPU
-    # the predicate is read on the host, as in optax.MultiSteps).
-    scores, estimator_state = jax.lax.cond(
-        finite, advance, lambda *old: old, state.scores,
-        state.estimator_state)
+    if stability.guarded:
+      scores, estimator_state = advance(state.scores, state.estimator_state,
+                                        finite)
+    else:
+      # A conditional rather than a select between new and old state: the
+      # untaken branch moves no data (on GPU the predicate is read on the
+      # host, as in optax.MultiSteps).
+      scores, estimator_state = jax.lax.cond(
+          finite, advance, lambda *old: old, state.scores,
+          state.estimator_state)
 
     force = (stability.restoring_force(estimator_state, params)
              if restore is not None else None)
