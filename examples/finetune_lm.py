@@ -81,16 +81,21 @@ class Config:
   eval_rows: int = 256
   fisher_rows: int = 256
   probe_rows: int = 16
+  # One density for every trained method: half-decade steps (factors of
+  # about 3; WiSE-FT's coefficient, a linear interpolation, in eighths),
+  # each grid running from about plain AdamW to clearly over-protected
+  # and bracketing where the method crosses AdamW's matched code loss.
+  # Replay, the reference that uses old data, keeps its own grid.
   grids: tuple = (
-      ("adamw", "learning rate", (1e-4, 3e-4, 1e-3, 3e-3)),
-      ("l2_init", "strength", (0.001, 0.01, 0.1, 1.0)),
-      ("ewc", "strength (Fisher of mean 1)", (0.01, 0.1, 1.0, 10.0)),
-      ("lora", "rank", (1, 4, 16, 48)),
-      ("wise_ft", "coefficient", (0.25, 0.5, 0.75, 1.0)),
+      ("adamw", "learning rate", (3e-5, 1e-4, 3e-4, 1e-3, 3e-3)),
+      ("l2_init", "strength", (0.003, 0.01, 0.03, 0.1, 0.3)),
+      ("ewc", "strength (Fisher of mean 1)", (0.003, 0.01, 0.03, 0.1, 0.3)),
+      ("lora", "rank", (1, 3, 10, 30, 96)),  # 96: full rank (width 96)
+      ("wise_ft", "coefficient", (0.5, 0.625, 0.75, 0.875, 1.0)),
       ("replay", "prose fraction", (0.0625, 0.125, 0.25, 0.5)),
-      ("sal", "restore", (1.0, 10.0, 100.0, 1000.0)),
+      ("sal", "restore", (3.0, 10.0, 30.0, 100.0, 300.0)),
       ("sal_probe", "budget (nats)", (0.03, 0.1, 0.3, 1.0)),
-      ("sal_continued", "restore", (1.0, 10.0, 100.0, 1000.0)),
+      ("sal_continued", "restore", (0.3, 1.0, 3.0, 10.0, 30.0)),
       ("sal_probe_loss", "budget (nats of probe-loss rise)",
        (0.01, 0.03, 0.1, 0.3)),
   )
