@@ -158,6 +158,17 @@ METHODS = {m.name: m for m in (
                optax.adamw(hp["lr"])),
            "strength", {"lr": HALF_DECADES_3,
                         "strength": (0.1, 1.0, 10.0, 100.0)}),
+    Method("sal_factored_running", "chain(sal.protect(restore=strength, "
+           "estimator=shift_consolidation_estimator(running_unit="
+           "'factored')), adamw(lr)) (per-element pull, factored running "
+           "importance: 2x state)",
+           lambda hp, key: optax.chain(
+               sal.protect(restore=hp["strength"],
+                           estimator=sal.shift_consolidation_estimator(
+                               running_unit="factored")),
+               optax.adamw(hp["lr"])),
+           "strength", {"lr": HALF_DECADES_3,
+                        "strength": (0.1, 1.0, 10.0, 100.0)}),
     Method("sal_budget", "chain(sal.protect(relative_budget=eps), "
            "adamw(lr)) (a data-free drift budget)",
            lambda hp, key: optax.chain(

@@ -226,6 +226,11 @@ def make_methods(quick=False):
             name, f"chain(protect(estimator={estimator!r}, granularity="
             f"{granularity!r}, preserve_rms={preserve_rms}), adamw)",
             granularity, optax.chain(protect, optax.adamw(LEARNING_RATE))))
+  methods.append((
+      RUNNING_FACTORED, "chain(protect(estimator=shift_consolidation_"
+      "estimator(running_unit='factored')), adamw)", "element",
+      optax.chain(sal.protect(estimator=sal.shift_consolidation_estimator(
+          running_unit="factored")), optax.adamw(LEARNING_RATE))))
   return methods
 
 
