@@ -301,10 +301,9 @@ def assert_state_sharded_like_params(opt_state, params, when):
       assert leaf.sharding.is_fully_replicated, (
           f"{where} is a scalar but not replicated: {leaf.sharding}")
       continue
-    if any(path.endswith(p_path) and p.ndim >= 2
-           and leaf.shape == p.shape[:-2] + (p.shape[-2] + p.shape[-1],)
-           for p_path, p in param_paths):
-      continue  # a factored importance: O(m + n), placed by XLA
+    if leaf.ndim == 1 and any(path.endswith(p_path) and p.ndim >= 2
+                              for p_path, p in param_paths):
+      continue  # a factored importance (flat, O(m + n)), placed by XLA
     owners = [p for p_path, p in param_paths
               if path.endswith(p_path) and p.shape == leaf.shape]
     if not owners and not any(path.endswith(p_path)

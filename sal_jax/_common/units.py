@@ -5,28 +5,30 @@ is kept per *unit* of a parameter leaf:
 
 * ``"leaf"``: one float32 scalar per leaf;
 * ``"element"``: a float32 array shaped like the leaf;
-* ``"factored"``: for a leaf of two or more dimensions, the means over its
-  last axis and over its second-to-last axis (as Adafactor keeps its
-  second moment), :math:`O(m + n)` for an
-  :math:`m \times n` matrix; per element for scalars and vectors. The
-  element-wise importance it stands for is the rank-one reconstruction
+* ``"factored"``: for a leaf of two or more dimensions, its means over
+  each of its two largest axes (as Adafactor keeps its second moment):
+  :math:`O(m + n)` for an :math:`m \times n` matrix, and an attention
+  kernel ``(d, heads, head_dim)`` keeps ``heads * (d + head_dim)``; per
+  element for scalars and vectors. With :math:`a` the largest axis and
+  :math:`b` the second largest, the element-wise importance it stands for
+  is the rank-one reconstruction (per index of the other axes)
 
   .. math::
-    \hat v_{ij} = \frac{r_i \, c_j}{\operatorname{mean}_i(r_i)},
-    \quad r_i = \operatorname{mean}_j v_{ij}, \;
-    c_j = \operatorname{mean}_i v_{ij},
+    \hat v = \frac{r \, c}{\operatorname{mean}_b(r)},
+    \quad r = \operatorname{mean}_a v, \; c = \operatorname{mean}_b v,
 
-  exact when :math:`v` has rank one, and in general the same row and column
-  sums as :math:`v`.
+  exact when :math:`v` has rank one over :math:`(a, b)`, and in general
+  with the same sums over :math:`a` and over :math:`b` as :math:`v`.
 
-A factored unit is one float32 array per leaf, the row means followed by
-the column means along its last axis (shape ``shape[:-2] + (m + n,)``), so
-that every importance tree has one array per parameter leaf, as optimizer
-states do (Flax NNX wraps each in a variable; checkpointers see arrays).
-Linear updates (decays, sums) apply to it entry by entry.
+A factored unit is one flat float32 array per leaf, :math:`r` then
+:math:`c`, so that every importance tree has one array per parameter leaf,
+as optimizer states do (Flax NNX wraps each in a variable; checkpointers
+see arrays). Linear updates (decays, sums) apply to it entry by entry.
 """
 
 from __future__ import annotations
+
+import math
 
 import jax
 import jax.numpy as jnp
@@ -43,19 +45,37 @@ def is_factored(p: jax.Array, unit: str) -> bool:
   return unit == "factored" and jnp.ndim(p) >= 2
 
 
+def _axes(shape: tuple[int, ...]) -> tuple[int, int]:
+  """(largest axis a, second largest axis b) of a shape, as Adafactor."""
+  order = sorted(range(len(shape)), key=lambda i: (shape[i], i))
+  return order[-1], order[-2]
+
+
+def _sizes(shape: tuple[int, ...]) -> tuple[tuple[int, ...], tuple[int, ...]]:
+  a, b = _axes(shape)
+  return (tuple(n for i, n in enumerate(shape) if i != a),
+          tuple(n for i, n in enumerate(shape) if i != b))
+
+
 def is_factored_unit(u: jax.Array, p: jax.Array) -> bool:
-  """Whether ``u`` is a factored unit of the leaf ``p`` (from the shapes)."""
-  return jnp.ndim(p) >= 2 and jnp.ndim(u) == jnp.ndim(p) - 1
+  """Whether ``u`` is a factored unit of the leaf ``p`` (from the shapes:
+  a factored unit is flat, an element one shaped like ``p``)."""
+  return jnp.ndim(p) >= 2 and jnp.ndim(u) == 1
 
 
-def _pack(row: jax.Array, col: jax.Array) -> jax.Array:
-  return jnp.concatenate([row, col], axis=-1)
+def _factors(v: jax.Array) -> jax.Array:
+  a, b = _axes(jnp.shape(v))
+  return jnp.concatenate([jnp.ravel(jnp.mean(v, axis=a)),
+                          jnp.ravel(jnp.mean(v, axis=b))])
 
 
 def split(u: jax.Array, p: jax.Array) -> tuple[jax.Array, jax.Array]:
-  """The row means and the column means of a factored unit of ``p``."""
-  rows = jnp.shape(p)[-2]
-  return u[..., :rows], u[..., rows:]
+  """:math:`r` (the mean over ``p``'s largest axis) and :math:`c` (over its
+  second largest) of a factored unit of ``p``, each shaped like ``p``
+  without that axis."""
+  row_shape, col_shape = _sizes(jnp.shape(p))
+  n = math.prod(row_shape)
+  return u[:n].reshape(row_shape), u[n:].reshape(col_shape)
 
 
 def zeros(p: jax.Array, unit: str) -> jax.Array:
@@ -63,8 +83,9 @@ def zeros(p: jax.Array, unit: str) -> jax.Array:
   if unit == "leaf":
     return jnp.zeros((), jnp.float32)
   if is_factored(p, unit):
-    shape = jnp.shape(p)
-    return jnp.zeros(shape[:-2] + (shape[-2] + shape[-1],), jnp.float32)
+    row_shape, col_shape = _sizes(jnp.shape(p))
+    return jnp.zeros((math.prod(row_shape) + math.prod(col_shape),),
+                     jnp.float32)
   return jnp.zeros_like(p, dtype=jnp.float32)  # keeps p's sharding
 
 
@@ -74,9 +95,7 @@ def energy(g: jax.Array, scale: jax.Array, unit: str) -> jax.Array:
   if unit == "leaf":
     return jnp.mean(jnp.square(g)) * scale
   if is_factored(g, unit):
-    square = jnp.square(g)
-    return _pack(jnp.mean(square, axis=-1) * scale,
-                 jnp.mean(square, axis=-2) * scale)
+    return _factors(jnp.square(g)) * scale
   # g (g scale), not g^2 scale: an elementwise g^2 shared with the
   # squared-norm reductions would make XLA write it to a temporary.
   return g * (g * scale)
@@ -86,7 +105,7 @@ def factor(v: jax.Array, like: jax.Array) -> jax.Array:
   """An element-wise importance ``v`` in the unit of ``like`` (a unit of
   the same leaf)."""
   if is_factored_unit(like, v):
-    return _pack(jnp.mean(v, axis=-1), jnp.mean(v, axis=-2))
+    return _factors(v)
   if jnp.ndim(like) == 0 and jnp.ndim(v) > 0:
     return jnp.mean(v)
   return v
@@ -95,17 +114,19 @@ def factor(v: jax.Array, like: jax.Array) -> jax.Array:
 def dense(u: jax.Array, p: jax.Array) -> jax.Array:
   """The importance a unit of ``p`` stands for, broadcastable to ``p``."""
   if is_factored_unit(u, p):
+    a, b = _axes(jnp.shape(p))
     row, col = split(u, p)
-    norm = jnp.mean(row, axis=-1)[..., None, None]
-    return row[..., :, None] * col[..., None, :] / jnp.maximum(norm, _TINY)
+    row, col = jnp.expand_dims(row, a), jnp.expand_dims(col, b)
+    norm = jnp.mean(row, axis=b, keepdims=True)
+    return row * col / jnp.maximum(norm, _TINY)
   return u
 
 
 def total(u: jax.Array, p: jax.Array) -> jax.Array:
   """The sum of the importance a unit of ``p`` stands for over ``p``."""
   if is_factored_unit(u, p):
-    # sum_ij r_i c_j / mean(r) = (rows) sum_j c_j, per leading index.
-    return jnp.shape(p)[-2] * jnp.sum(split(u, p)[1])
+    # sum_ab r c / mean_b(r) = (size of b) sum c, per other index.
+    return jnp.shape(p)[_axes(jnp.shape(p))[1]] * jnp.sum(split(u, p)[1])
   if jnp.ndim(u) == 0:
     return u * jnp.size(p)
   return jnp.sum(u)

@@ -150,8 +150,9 @@ def protect(
       ``"none"`` for an estimator with a restoring force, ``"soft"`` for
       one without (the reference).
     score_ema: weight :math:`\beta \in (0, 1]` of the new raw score.
-    granularity: ``"leaf"`` (one score per parameter tensor) or
-      ``"element"`` (one score per entry). ``None``: the estimator's own
+    granularity: ``"leaf"`` (one score per parameter tensor), ``"element"``
+      (one per entry) or ``"factored"`` (shift consolidation's importance
+      as row and column means per matrix). ``None``: the estimator's own
       (element for shift consolidation, leaf for the others; an instance
       brings its own).
     estimator: name of a stability estimator (``"shift_consolidation"``,
@@ -298,8 +299,7 @@ def protect(
       if budget is not None:
         drift = jax.lax.pmean(drift, axis_name)
 
-    # Non-finite params or updates: the state must not change, and the
-    # updates pass through untouched for apply_if_finite to reject.
+    # Non-finite params or updates: the state stays, the updates pass.
     finite = _tree_utils.all_finite(params)
     if gated:
       # Threshold adaptation from the spread of update magnitudes; NaN or
