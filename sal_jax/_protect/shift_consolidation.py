@@ -338,17 +338,19 @@ def shift_consolidation_estimator(
         params, state.importance, increments)
 
     def consolidate(consolidated, reference):
-      def leaf(p, c, o, e):
+      def leaf(p, c, o, g, q):
         # The importance before this step's gradient, from the updated one
         # (reading the old one here would make XLA copy it every step to
-        # update it in place).
-        o = (o - e) / importance_decay
+        # update it in place), the increment recomputed from the gradient
+        # (sharing it with the update outside would make XLA write it to a
+        # full-size temporary every step).
+        o = (o - increment(g, q)) / importance_decay
         if _units.is_factored_unit(o, p) and not _units.is_factored_unit(
             c, p):
           o = _units.dense(o, p) * jnp.ones(jnp.shape(p), jnp.float32)
         return consolidation_decay * c + o / correction
       consolidated = jax.tree.map(leaf, params, consolidated, importance,
-                                  increments)
+                                  updates, square_sums)
       travelled = _estimators.weighted_distance(consolidated, params,
                                                 state.anchor)
       reference = consolidation_decay * reference + travelled
