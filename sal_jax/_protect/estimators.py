@@ -206,9 +206,12 @@ def weighted_distance(weights: chex.ArrayTree, params: chex.ArrayTree,
 
   A weight may be a factored unit (see :mod:`sal_jax._common.units`).
   """
+  # anchor - theta, the pull's theta - anchor spelled the other way round:
+  # XLA CPU writes a difference that this sum and the pull share to a
+  # full-size temporary; apart, each computes it inline.
   return sum(jax.tree.leaves(jax.tree.map(
       lambda p, a, w: jnp.sum(_units.dense(w, p) * jnp.square(
-          _tree_utils.to_real(_tree_utils.difference(p, a)))),
+          _tree_utils.to_real(_tree_utils.difference(a, p)))),
       params, anchor, weights)), jnp.zeros((), jnp.float32))
 
 
