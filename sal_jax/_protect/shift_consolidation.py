@@ -344,7 +344,8 @@ def shift_consolidation_estimator(
         # update it in place), the increment recomputed from the gradient
         # (sharing it with the update outside would make XLA write it to a
         # full-size temporary every step).
-        o = (o - increment(g, q)) / importance_decay
+        # (clipped at 0: where it is ~0, the difference rounds either way).
+        o = jnp.maximum((o - increment(g, q)) / importance_decay, 0.0)
         if _units.is_factored_unit(o, p) and not _units.is_factored_unit(
             c, p):
           o = _units.dense(o, p) * jnp.ones(jnp.shape(p), jnp.float32)
