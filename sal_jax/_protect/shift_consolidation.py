@@ -168,11 +168,11 @@ def shift_consolidation_estimator(
   anchor), ``"leaf"`` 1x; plus :math:`O(m + n)` per factored matrix. On
   the continual-learning benchmark (average final accuracy of the
   validation-chosen configuration, test, 3 seeds, 7 protocols), against
-  the per-element default: ``running_unit="factored"`` -1.5 points on
-  average, ``"factored"`` -1.8; both within 1 point on the three split
-  protocols and 1.5-3.9 points below on permuted digits and the three
-  task-free streams, where rounding-level changes alone move the
-  default's own result by up to 2.6 points. Under sharding, the row and column
+  the per-element default: ``running_unit="factored"`` -0.7 points on
+  average, ``"factored"`` -1.7; both within 1 point on the three split
+  protocols and up to 3.4 and 5.2 points below on the task-free streams,
+  where rounding-level changes alone have moved the default's own result
+  by up to 2.6 points. Under sharding, the row and column
   means of a sharded matrix are reduced across devices every step (small
   collectives the per-element importance does not need).
 
