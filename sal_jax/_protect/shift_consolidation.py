@@ -172,9 +172,8 @@ def shift_consolidation_estimator(
   average, ``"factored"`` -1.7; both within 1 point on the three split
   protocols and up to 3.4 and 5.2 points below on the task-free streams,
   where rounding-level changes alone have moved the default's own result
-  by up to 2.6 points. Under sharding, the row and column
-  means of a sharded matrix are reduced across devices every step (small
-  collectives the per-element importance does not need).
+  by up to 2.6 points. Under sharding, the means of a sharded matrix are
+  reduced across devices every step (the per-element form needs none).
 
   Args:
     granularity: the unit of the consolidated importance: ``"element"``
