@@ -256,7 +256,7 @@ def compiled_memory(compiled):
   are neither arguments nor outputs) and the arguments it aliases."""
   try:
     analysis = compiled.memory_analysis()
-  except (NotImplementedError, AttributeError):
+  except (NotImplementedError, AttributeError):  # a backend without it
     analysis = None
   if analysis is None:
     return {}

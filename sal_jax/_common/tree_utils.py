@@ -157,30 +157,10 @@ def square_sums(tree: chex.ArrayTree) -> chex.ArrayTree:
 
 def leaf_norms(tree: chex.ArrayTree) -> chex.ArrayTree:
   """L2 norm of every leaf, as float32 scalars (same tree structure)."""
-  return jax.tree.map(
-      lambda x: jnp.sqrt(jnp.sum(jnp.square(to_real(x)))), tree)
+  return jax.tree.map(jnp.sqrt, square_sums(tree))
 
 
 def mean_square(tree: chex.ArrayTree) -> jax.Array:
   """Mean of the squared entries over all leaves (float32 scalar)."""
-  leaves = jax.tree.leaves(tree)
-  size = max(sum(x.size for x in leaves), 1)
-  return sum(jnp.sum(jnp.square(to_real(x))) for x in leaves) / size
-
-
-def unit_energy(g: jax.Array, scale: jax.Array,
-                per_element: bool) -> jax.Array:
-  """``scale * g^2`` per unit: each entry, or the leaf's mean (a scalar)."""
-  g = to_real(g)
-  if per_element:
-    # g (g scale), not g^2 scale: an elementwise g^2 shared with the
-    # squared-norm reductions would make XLA write it to a temporary.
-    return g * (g * scale)
-  return jnp.mean(jnp.square(g)) * scale
-
-
-def unit_zeros(p: jax.Array, per_element: bool) -> jax.Array:
-  """float32 zeros shaped like ``p`` (per element) or a scalar (per leaf)."""
-  if per_element:
-    return jnp.zeros_like(p, dtype=jnp.float32)  # keeps p's sharding
-  return jnp.zeros((), jnp.float32)
+  size = max(sum(x.size for x in jax.tree.leaves(tree)), 1)
+  return sum(jax.tree.leaves(square_sums(tree))) / size

@@ -22,6 +22,7 @@ import jax.numpy as jnp
 from sal_jax._protect import estimators as _estimators
 from sal_jax._common import anchored_pull
 from sal_jax._common import tree_utils as _tree_utils
+from sal_jax._common import units as _units
 from sal_jax._common import validation as _validation
 
 _TINY = _estimators.TINY
@@ -137,14 +138,12 @@ def consolidation_estimator(
                              high_open=True)
   _validation.check_number(where, "relative_importance", relative_importance,
                            0.0, low_open=True)
-  per_element = granularity == "element"
-
   def init_fn(params):
     return ConsolidationState(
         count=jnp.zeros((), jnp.int32),
         gradient_energy=jnp.zeros((), jnp.float32),
         importance=jax.tree.map(
-            lambda p: _tree_utils.unit_zeros(p, per_element), params),
+            lambda p: _units.zeros(p, granularity), params),
         # A copy, so that donating the params cannot alias the state.
         anchor=jax.tree.map(
             lambda p: jnp.array(p, _tree_utils.state_dtype(p)), params),
@@ -164,8 +163,8 @@ def consolidation_estimator(
     energy = energy_decay * state.gradient_energy + (1 - energy_decay) * mean_sq
     energy_hat = energy / (1.0 - _tree_utils.decay_power(energy_decay, count))
     increments = jax.tree.map(
-        lambda g: _tree_utils.unit_energy(
-            g, (1 - importance_decay) / (energy_hat + _TINY), per_element),
+        lambda g: _units.energy(
+            g, (1 - importance_decay) / (energy_hat + _TINY), granularity),
         updates)
     importance = jax.tree.map(lambda o, d: importance_decay * o + d,
                               state.importance, increments)
