@@ -17,7 +17,8 @@ pretrained model, on the same batches per seed:
 ==============  ========================================================
 ``adamw``       plain AdamW (knob: learning rate)
 ``l2_init``     ``baselines.l2_init`` toward the pretrained weights (strength)
-``ewc``         ``baselines.ewc`` with the Fisher of stages 1-2 (strength)
+``ewc``         ``baselines.ewc`` with the Fisher of stages 1-2: prose's and
+                the replies', combined by ``sal.combine_fishers`` (strength)
 ``lora``        ``nnx.LoRA`` on the attention and MLP matrices (rank)
 ``wise_ft``     interpolation pretrained -> AdamW fine-tuned (coefficient)
 ``replay``      a fraction of each code batch is prose (uses old data)
@@ -94,7 +95,7 @@ class Config:
       ("wise_ft", "coefficient", (0.5, 0.625, 0.75, 0.875, 1.0)),
       ("replay", "prose fraction", (0.0625, 0.125, 0.25, 0.5)),
       ("sal", "restore", (3.0, 10.0, 30.0, 100.0, 300.0)),
-      ("sal_probe", "budget (nats)", (0.03, 0.1, 0.3, 1.0)),
+      ("sal_probe", "budget (nats)", (0.02, 0.063, 0.2, 0.63, 2.0)),
       ("sal_continued", "restore", (0.3, 1.0, 3.0, 10.0, 30.0)),
       ("sal_probe_loss", "budget (nats of probe-loss rise)",
        (0.01, 0.03, 0.1, 0.3)),
@@ -279,7 +280,9 @@ def pretrain(data: Data, optimizer_for, seed: int, desc: str):
 
 
 def fisher_of_old_data(model, data: Data):
-  """The diagonal Fisher of stages 1-2: prose windows and trained replies."""
+  """The diagonal Fisher of stages 1-2: of prose windows and of the trained
+  replies, each normalised to mean 1 and averaged (``sal.combine_fishers``):
+  pooled, the confidently learned replies' tiny Fisher would barely count."""
   graphdef, params = nnx.split(model, nnx.Param)
 
   def example_losses(p, batch):
@@ -288,12 +291,14 @@ def fisher_of_old_data(model, data: Data):
   rng = np.random.default_rng(7)
   rows = data.cfg.fisher_rows
   pick = rng.integers(0, len(data.behaviour["train"].tokens), rows)
-  batches = [
+  sources = [
       (lm.windows(data.prose["train"], rows, data.cfg.context + 1, rng),
        np.ones((rows, data.cfg.context), np.float32)),
       (data.behaviour["train"].tokens[pick], data.behaviour["train"].mask[pick]),
   ]
-  return params, sal.fisher_diagonal(example_losses, params, batches)
+  return params, sal.combine_fishers(
+      [sal.fisher_diagonal(example_losses, params, [batch])
+       for batch in sources])
 
 
 def make_probe(model, data: Data):

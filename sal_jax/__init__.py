@@ -28,6 +28,7 @@ from sal_jax._protect.estimator_registry import get_estimator
 from sal_jax._protect.estimators import ReferenceEstimatorState
 from sal_jax._protect.estimators import StabilityEstimator
 from sal_jax._protect.estimators import reference_estimator
+from sal_jax._protect.fisher import combine_fishers
 from sal_jax._protect.fisher import fisher_diagonal
 from sal_jax._protect.gates import GATES
 from sal_jax._protect.gates import apply_factor
@@ -57,6 +58,7 @@ __all__ = (
     "ShiftConsolidationState",
     "StabilityEstimator",
     "apply_factor",
+    "combine_fishers",
     "consolidate",
     "consolidation_estimator",
     "find_protect_states",

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import collections.abc
 import functools
-from typing import Any, Callable, Iterable
+from typing import Any, Callable, Iterable, Sequence
 
 import chex
 import jax
@@ -182,3 +182,81 @@ def fisher_diagonal(
     raise ValueError(
         "sal_jax.fisher_diagonal: batches held no examples.")
   return jax.tree.map(lambda t: t / count, total)
+
+
+def combine_fishers(
+    fishers: Sequence[chex.ArrayTree],
+    weights: Sequence[float] | None = None,
+) -> chex.ArrayTree:
+  r"""Combines the Fishers of several things to keep, each on its own scale.
+
+  The Fisher of a behaviour the model has learned confidently (a fixed
+  reply, say) is tiny next to that of broad text, whose losses are high:
+  pooled into one :func:`fisher_diagonal`, the behaviour barely counts and
+  is the first thing fine-tuning erases. Normalising each source's Fisher
+  to mean 1 before adding gives every source the weight you choose:
+
+  .. math::
+    F = \sum_k w_k \, \frac{F_k}{\operatorname{mean}(F_k)}, \qquad
+    \sum_k w_k = 1,
+
+  where the mean runs over every entry of every leaf; :math:`F` has mean
+  1. A source whose Fisher is zero everywhere adds nothing.
+
+  Args:
+    fishers: the Fishers of the sources, trees of the same structure and
+      shapes (e.g. from :func:`fisher_diagonal`, one per source).
+    weights: the sources' weights :math:`w_k > 0`, normalised to sum to 1;
+      ``None`` (the default): equal.
+
+  Returns:
+    A float32 tree like each Fisher.
+
+  Raises:
+    ValueError: for no Fishers, Fishers of different structures or shapes,
+      or weights of the wrong length or not positive.
+
+  Examples:
+    >>> import jax.numpy as jnp, sal_jax as sal
+    >>> text = {"w": jnp.array([2.0, 6.0])}       # mean 4
+    >>> reply = {"w": jnp.array([0.0, 0.002])}    # mean 0.001
+    >>> sal.combine_fishers([text, reply])
+    {'w': Array([0.25, 1.75], dtype=float32)}
+
+  References:
+    Kirkpatrick et al., "Overcoming catastrophic forgetting in neural
+    networks", PNAS 2017 (one Fisher per earlier task, each its own
+    penalty).
+  """
+  where = "sal_jax.combine_fishers"
+  fishers = list(fishers)
+  if not fishers:
+    raise ValueError(f"{where}: no Fishers given.")
+  structure = jax.tree.structure(fishers[0])
+  shapes = [jnp.shape(x) for x in jax.tree.leaves(fishers[0])]
+  for k, fisher in enumerate(fishers[1:], 1):
+    if (jax.tree.structure(fisher) != structure
+        or [jnp.shape(x) for x in jax.tree.leaves(fisher)] != shapes):
+      raise ValueError(
+          f"{where}: Fisher {k} differs from Fisher 0 in its tree structure "
+          "or leaf shapes; every Fisher must be a tree like the params.")
+  if weights is None:
+    weights = [1.0] * len(fishers)
+  weights = [float(w) for w in weights]
+  if len(weights) != len(fishers) or not all(
+      w > 0 and np.isfinite(w) for w in weights):
+    raise ValueError(
+        f"{where}: weights must be {len(fishers)} positive numbers, one "
+        f"per Fisher; got {weights!r}.")
+  total = sum(weights)
+  size = max(sum(int(np.prod(s)) for s in shapes), 1)
+
+  def normalised(fisher, weight):
+    mean = sum(jnp.sum(x, dtype=jnp.float32)
+               for x in jax.tree.leaves(fisher)) / size
+    scale = jnp.where(mean > 0, (weight / total) / jnp.where(
+        mean > 0, mean, 1.0), 0.0)
+    return jax.tree.map(lambda x: jnp.asarray(x, jnp.float32) * scale, fisher)
+
+  parts = [normalised(f, w) for f, w in zip(fishers, weights)]
+  return jax.tree.map(lambda *xs: sum(xs[1:], xs[0]), *parts)
