@@ -166,6 +166,70 @@ def test_fisher_rejects_a_bad_chunk_size(chunk_size):
                         chunk_size=chunk_size)
 
 
+# ------------------------------------------------------------ combine_fishers
+
+
+def _numpy_combined(fishers, weights):
+  """The formula, leaf by leaf in numpy (float64)."""
+  weights = np.asarray(weights, np.float64) / np.sum(weights)
+  out = None
+  for fisher, w in zip(fishers, weights):
+    leaves = [np.asarray(x, np.float64) for x in jax.tree.leaves(fisher)]
+    mean = sum(x.sum() for x in leaves) / sum(x.size for x in leaves)
+    part = [w * x / mean if mean > 0 else 0.0 * x for x in leaves]
+    out = part if out is None else [a + b for a, b in zip(out, part)]
+  return out
+
+
+@pytest.mark.parametrize("weights", [None, (1.0, 3.0)])
+def test_combine_fishers_matches_the_formula(weights):
+  broad = sal.fisher_diagonal(_loss_fn, _mlp_params(), [_data(seed=0)])
+  narrow = jax.tree.map(lambda f: 1e-4 * f * f, broad)  # a tiny, other shape
+  combined = sal.combine_fishers([broad, narrow], weights)
+  expected = _numpy_combined([broad, narrow], weights or (1.0, 1.0))
+  for got, want in zip(jax.tree.leaves(combined), expected):
+    assert got.dtype == jnp.float32
+    np.testing.assert_allclose(got, want, rtol=1e-5)
+  leaves = jax.tree.leaves(combined)
+  np.testing.assert_allclose(
+      sum(float(x.sum()) for x in leaves) / sum(x.size for x in leaves), 1.0,
+      rtol=1e-5)
+
+
+def test_combine_fishers_ignores_each_sources_scale():
+  a = sal.fisher_diagonal(_loss_fn, _mlp_params(0), [_data(seed=0)])
+  b = sal.fisher_diagonal(_loss_fn, _mlp_params(1), [_data(seed=1)])
+  once = sal.combine_fishers([a, b])
+  rescaled = sal.combine_fishers([jax.tree.map(lambda x: 1e3 * x, a),
+                                  jax.tree.map(lambda x: 1e-6 * x, b)])
+  chex.assert_trees_all_close(once, rescaled, rtol=1e-5)
+  # Pooled, b at 1e-6 would vanish; combined, it keeps half the weight.
+  assert not np.allclose(jax.tree.leaves(once)[0],
+                         jax.tree.leaves(sal.combine_fishers([a]))[0])
+
+
+def test_combine_fishers_a_zero_source_adds_nothing_and_jit_agrees():
+  a = {"w": jnp.array([1.0, 3.0]), "b": jnp.array([[2.0]])}
+  zero = jax.tree.map(jnp.zeros_like, a)
+  chex.assert_trees_all_close(sal.combine_fishers([a, zero], (1.0, 1.0)),
+                              jax.tree.map(lambda x: 0.5 * x / 2.0, a))
+  chex.assert_trees_all_close(
+      jax.jit(sal.combine_fishers)([a, zero]), sal.combine_fishers([a, zero]))
+
+
+@pytest.mark.parametrize("fishers,weights,match", [
+    ([], None, "no Fishers"),
+    ([{"w": jnp.ones(2)}, {"v": jnp.ones(2)}], None, "Fisher 1 differs"),
+    ([{"w": jnp.ones(2)}, {"w": jnp.ones(3)}], None, "Fisher 1 differs"),
+    ([{"w": jnp.ones(2)}] * 2, (1.0,), "2 positive numbers"),
+    ([{"w": jnp.ones(2)}] * 2, (1.0, 0.0), "2 positive numbers"),
+    ([{"w": jnp.ones(2)}] * 2, (1.0, float("nan")), "2 positive numbers"),
+])
+def test_combine_fishers_rejects_bad_input(fishers, weights, match):
+  with pytest.raises(ValueError, match=match):
+    sal.combine_fishers(fishers, weights)
+
+
 # ---------------------------------------------------------------- consolidate
 
 PARAMS = {"a": jnp.arange(4.0), "b": jnp.ones((2, 3))}
