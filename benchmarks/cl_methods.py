@@ -26,6 +26,7 @@ import dataclasses
 import itertools
 from typing import Any, Callable
 
+import jax.numpy as jnp
 import numpy as np
 import optax
 
@@ -166,6 +167,16 @@ METHODS = {m.name: m for m in (
                sal.protect(restore=hp["strength"],
                            estimator=sal.shift_consolidation_estimator(
                                running_unit="factored")),
+               optax.adamw(hp["lr"])),
+           "strength", {"lr": HALF_DECADES_3,
+                        "strength": (0.1, 1.0, 10.0, 100.0)}),
+    Method("sal_bf16", "chain(sal.protect(restore=strength, "
+           "estimator=shift_consolidation_estimator(importance_dtype="
+           "jnp.bfloat16)), adamw(lr)) (importances in bfloat16: 2x state)",
+           lambda hp, key: optax.chain(
+               sal.protect(restore=hp["strength"],
+                           estimator=sal.shift_consolidation_estimator(
+                               importance_dtype=jnp.bfloat16)),
                optax.adamw(hp["lr"])),
            "strength", {"lr": HALF_DECADES_3,
                         "strength": (0.1, 1.0, 10.0, 100.0)}),

@@ -40,12 +40,15 @@ def _compiled_update(protect):
     ("running_factored", lambda: sal.protect(
         estimator=sal.shift_consolidation_estimator(running_unit="factored"))),
     ("budget", lambda: sal.protect(relative_budget=0.1)),
+    ("bfloat16_importances", lambda: sal.protect(
+        estimator=sal.shift_consolidation_estimator(
+            importance_dtype=jnp.bfloat16))),
 ])
 def test_update_has_no_full_size_copies_or_temporaries(name, protect):
   compiled = _compiled_update(protect())
   hlo = compiled.as_text()
   matrices = "|".join(f"{m},{n}" for m, n in (SHAPES["w1"], SHAPES["w2"]))
-  copies = re.findall(rf"f32\[(?:{matrices})\]\{{[^}}]*\}} copy\(", hlo)
+  copies = re.findall(rf"\w+\[(?:{matrices})\]\{{[^}}]*\}} copy\(", hlo)
   assert not copies, f"{name}: {len(copies)} full-size copies"
   temp = compiled.memory_analysis().temp_size_in_bytes
   assert temp < BIG / 4, f"{name}: {temp} bytes of temporaries"

@@ -131,6 +131,7 @@ def dense(u: jax.Array, p: jax.Array) -> jax.Array:
 
 def total(u: jax.Array, p: jax.Array) -> jax.Array:
   """The sum of the importance a unit of ``p`` stands for over ``p``."""
+  u = u.astype(jnp.float32)
   if is_factored_unit(u, p):
     # sum_ab r c / mean_b(r) = (size of b) sum c, per other index.
     return jnp.shape(p)[_axes(jnp.shape(p))[1]] * jnp.sum(split(u, p)[1])

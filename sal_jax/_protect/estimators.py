@@ -178,6 +178,7 @@ def relative_scores(importance: chex.ArrayTree,
   A unit with the mean importance scores ``1 / (1 + c)``; one far above it
   scores near 1. Used by the importance-based estimators.
   """
+  importance = jax.tree.map(lambda o: o.astype(jnp.float32), importance)
   leaves = jax.tree.leaves(importance)
   mean = (sum(jnp.sum(o) for o in leaves)
           / max(sum(o.size for o in leaves), 1))

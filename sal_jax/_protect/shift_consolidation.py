@@ -38,13 +38,11 @@ DEFAULT_CONSOLIDATION_DECAY = 0.9
 class ShiftConsolidationState(NamedTuple):
   """State of :func:`shift_consolidation_estimator`.
 
-  The dtypes do not depend on ``jax_enable_x64``. What follows the params
-  is the anchor, a position: it has the params' dtype, at least float32
-  (float32 for bfloat16, float16 and float32 params; float64 and complex
-  kept), so that the pull toward it is exact at the params' precision. The
-  statistics are float32 whatever the params: they are weights and
-  magnitudes (real even for complex params), whose float32 rounding moves a
-  score or the strength of the pull by 1e-7, never where it pulls to.
+  The dtypes do not depend on ``jax_enable_x64``. The anchor is an exact
+  copy of the params in their dtype. The importances are weights (real
+  even for complex params), stored in ``importance_dtype`` (float32 by
+  default; bfloat16 rounding moves the pull's strength by < 0.4 %).
+  The other statistics are float32.
 
   Attributes:
     count: steps taken, int32.
@@ -57,11 +55,9 @@ class ShiftConsolidationState(NamedTuple):
     shifted: whether the last step was inside a detected shift, bool.
     consolidations: number of shifts detected so far, int32.
     importance: EMA (not bias-corrected) of each unit's relative gradient
-      energy since the start, float32; per element, or a scalar per leaf.
-    consolidated: the consolidated importance, float32, shaped like
-      ``importance``.
-    anchor: the params at the last consolidation, in the params' dtype
-      promoted to at least float32.
+      energy since the start; per element, factored, or per leaf.
+    consolidated: the consolidated importance, in units of the granularity.
+    anchor: the params at the last consolidation, in the params' dtype.
     reference: :math:`R`, the importance-weighted squared distance the
       params travelled between consolidations (decayed like the
       consolidated importance), float32; the scale of the estimated drift.
@@ -93,6 +89,7 @@ def shift_consolidation_estimator(
     relative_importance: float = 1.0,
     noise_multiplier: float = 0.0,
     running_unit: str | None = None,
+    importance_dtype: jnp.dtype = jnp.float32,
 ) -> _estimators.StabilityEstimator:
   r"""Stability as importance consolidated at detected distribution shifts.
 
@@ -160,20 +157,16 @@ def shift_consolidation_estimator(
   factored importance is exactly the row and column means of the
   per-element one.
 
-  Memory beyond the optimizer, as a multiple of the params (float32
-  params; bf16 params keep a bf16 anchor and the same float32
-  statistics): ``"element"`` 3x (the anchor, an exact copy in the params'
-  dtype, :math:`\Omega` and :math:`\Omega^*`), with
-  ``running_unit="factored"`` about 2x, ``"factored"`` about 1x (the
-  anchor), ``"leaf"`` 1x; plus :math:`O(m + n)` per factored matrix. On
-  the continual-learning benchmark (average final accuracy of the
-  validation-chosen configuration, test, 3 seeds, 7 protocols), against
-  the per-element default: ``running_unit="factored"`` -0.7 points on
-  average, ``"factored"`` -1.7; both within 1 point on the three split
-  protocols and up to 3.4 and 5.2 points below on the task-free streams,
-  where rounding-level changes alone have moved the default's own result
-  by up to 2.6 points. Under sharding, the means of a sharded matrix are
-  reduced across devices every step (the per-element form needs none).
+  Memory beyond the optimizer, in copies of float32 params: the anchor
+  (exact, in the params' dtype) and :math:`\Omega, \Omega^*` in
+  ``importance_dtype``: 3x in float32 (the default), 2x in bfloat16;
+  ``running_unit="factored"`` 2x (1.5x), ``"factored"``, ``"leaf"`` 1x.
+  On the continual-learning benchmark (average final accuracy, 7
+  protocols, against per element): ``running_unit="factored"`` -0.7
+  points, ``"factored"`` -1.7, both within 1 point on the split protocols
+  and up to 3.4 and 5.2 below on the task-free streams, where
+  rounding-level changes alone move results by up to 2.6 points. Under
+  sharding, the means of a sharded matrix are reduced across devices.
 
   Args:
     granularity: the unit of the consolidated importance: ``"element"``
@@ -189,19 +182,17 @@ def shift_consolidation_estimator(
     warmup_steps: no shift is detected before this many steps.
     consolidation_decay: :math:`\kappa \in [0, 1]`, how much of the
       earlier shifts' importance each consolidation keeps (the decay of
-      online EWC); 1 keeps all of it. On the continual-learning benchmark
-      the summed validation accuracy was 2.541 / 2.547 / 2.551 / 2.545 for
-      1 / 0.95 / 0.9 / 0.8: a shift detected inside a task (small, noisy
-      batches) then weighs less for ever after.
+      online EWC); 1 keeps all of it. Below 1, a shift detected inside a
+      task (small, noisy batches) weighs less for ever after.
     relative_importance: :math:`c > 0` of the raw score.
     noise_multiplier: :math:`z \ge 0`; 0 (the default) uses
-      ``shift_ratio`` alone. On the continual-learning benchmark's batch-8
-      stream, :math:`z = 3` removes most detections inside tasks (average
-      final accuracy 0.301 -> 0.312) but also the detections on split
-      digits (small data, 60 steps per task), so validation kept 0.
+      ``shift_ratio`` alone. Raising it removes detections inside noisy
+      tasks, and with them those of short, small-data tasks.
     running_unit: the unit of the running importance :math:`\Omega`;
-      ``None`` (the default): the granularity's. ``"factored"`` at element
-      granularity saves one copy of the params (2x in all instead of 3x).
+      ``None`` (the default): the granularity's, or ``"factored"`` at
+      element granularity.
+    importance_dtype: the floating dtype that stores :math:`\Omega` and
+      :math:`\Omega^*` (computed in float32); ``jnp.bfloat16`` halves them.
 
   Returns:
     A :class:`~sal_jax.StabilityEstimator` with a ``restoring_force`` and
@@ -262,7 +253,13 @@ def shift_consolidation_estimator(
     raise ValueError(
         f"{_WHERE}: release_ratio must be in (0, shift_ratio], got "
         f"{release_ratio!r}.")
+  if not jnp.issubdtype(importance_dtype, jnp.floating):
+    raise TypeError(f"{_WHERE}: importance_dtype must be a floating dtype, "
+                    f"got {importance_dtype!r}.")
   fast_noise = ((1.0 - fast_decay) / (1.0 + fast_decay)) ** 0.5
+
+  def stored(x):
+    return x.astype(importance_dtype)
 
   def init_fn(params):
     return ShiftConsolidationState(
@@ -273,9 +270,9 @@ def shift_consolidation_estimator(
         shifted=jnp.zeros((), jnp.bool_),
         consolidations=jnp.zeros((), jnp.int32),
         importance=jax.tree.map(
-            lambda p: _units.zeros(p, running_unit), params),
+            lambda p: stored(_units.zeros(p, running_unit)), params),
         consolidated=jax.tree.map(
-            lambda p: _units.zeros(p, granularity), params),
+            lambda p: stored(_units.zeros(p, granularity)), params),
         # A copy (exact: the params' own dtype), so that donating the
         # params cannot alias the state.
         anchor=jax.tree.map(lambda p: jnp.array(p, copy=True), params),
@@ -333,7 +330,8 @@ def shift_consolidation_estimator(
 
     increments = jax.tree.map(increment, updates, square_sums)
     importance = jax.tree.map(
-        lambda _, o, e: keep_if_not_finite(importance_decay * o + e, o),
+        lambda _, o, e: keep_if_not_finite(
+            stored(importance_decay * o.astype(jnp.float32) + e), o),
         params, state.importance, increments)
 
     def consolidate(consolidated, reference):
@@ -344,11 +342,13 @@ def shift_consolidation_estimator(
         # (sharing it with the update outside would make XLA write it to a
         # full-size temporary every step).
         # (clipped at 0: where it is ~0, the difference rounds either way).
-        o = jnp.maximum((o - increment(g, q)) / importance_decay, 0.0)
+        o = jnp.maximum((o.astype(jnp.float32) - increment(g, q))
+                        / importance_decay, 0.0)
         if _units.is_factored_unit(o, p) and not _units.is_factored_unit(
             c, p):
           o = _units.dense(o, p) * jnp.ones(jnp.shape(p), jnp.float32)
-        return consolidation_decay * c + o / correction
+        return stored(consolidation_decay * c.astype(jnp.float32)
+                      + o / correction)
       consolidated = jax.tree.map(leaf, params, consolidated, importance,
                                   updates, square_sums)
       travelled = _estimators.weighted_distance(consolidated, params,
