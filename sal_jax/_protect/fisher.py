@@ -201,7 +201,7 @@ def combine_fishers(
     \sum_k w_k = 1,
 
   where the mean runs over every entry of every leaf; :math:`F` has mean
-  1. A source whose Fisher is zero everywhere adds nothing.
+  1, but for a source whose Fisher is zero everywhere: it adds nothing.
 
   Args:
     fishers: the Fishers of the sources, trees of the same structure and
@@ -254,8 +254,8 @@ def combine_fishers(
   def normalised(fisher, weight):
     mean = sum(jnp.sum(x, dtype=jnp.float32)
                for x in jax.tree.leaves(fisher)) / size
-    scale = jnp.where(mean > 0, (weight / total) / jnp.where(
-        mean > 0, mean, 1.0), 0.0)
+    safe = jnp.where(mean > 0, mean, 1.0)
+    scale = jnp.where(mean > 0, weight / total / safe, 0.0)
     return jax.tree.map(lambda x: jnp.asarray(x, jnp.float32) * scale, fisher)
 
   parts = [normalised(f, w) for f, w in zip(fishers, weights)]
