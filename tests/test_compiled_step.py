@@ -43,6 +43,9 @@ def _compiled_update(protect):
     ("bfloat16_importances", lambda: sal.protect(
         estimator=sal.shift_consolidation_estimator(
             importance_dtype=jnp.bfloat16))),
+    ("factored_bfloat16", lambda: sal.protect(
+        estimator=sal.shift_consolidation_estimator(
+            granularity="factored", importance_dtype=jnp.bfloat16))),
 ])
 def test_update_has_no_full_size_copies_or_temporaries(name, protect):
   compiled = _compiled_update(protect())

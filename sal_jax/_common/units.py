@@ -122,7 +122,8 @@ def dense(u: jax.Array, p: jax.Array) -> jax.Array:
   """The importance a unit of ``p`` stands for, broadcastable to ``p``."""
   if is_factored_unit(u, p):
     a, b = _axes(jnp.shape(p))
-    row, col = split(u, p)
+    # In float32 whatever the stored dtype: the product is the weight.
+    row, col = split(u.astype(jnp.float32), p)
     row, col = jnp.expand_dims(row, a), jnp.expand_dims(col, b)
     norm = jnp.mean(row, axis=b, keepdims=True)
     return row * col / jnp.maximum(norm, _TINY)
