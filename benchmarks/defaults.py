@@ -57,11 +57,14 @@ STEPS_PER_TASK = {"rotated_digits": 400, "block_digits": 400,
 BATCH = 32
 HIDDEN = (64, 64)
 PERMUTATION_SEED = 17  # not one of continual.py's
+# Half-decades around the default (1); the issue that asked for this check
+# found the best strength 100x apart on two protocols.
+RESTORES = (0.1, 0.3, 1.0, 3.0, 10.0, 30.0, 100.0, 300.0, 1000.0)
 
 
-def _rotations(x):
-  images = x.reshape(-1, 8, 8)
-  return [np.rot90(images, k, axes=(1, 2)).reshape(-1, 64) for k in range(4)]
+def _rotate(x, k):
+  """The 8x8 images in the rows of ``x`` turned ``k`` quarter turns."""
+  return np.rot90(x.reshape(-1, 8, 8), k, axes=(1, 2)).reshape(-1, 64)
 
 
 def _block_orders(num_tasks):
@@ -76,30 +79,25 @@ def _block_orders(num_tasks):
           for order in orders]
 
 
-def build(name: str) -> dict:
-  """Tasks of ``name``: per task train / test ``(x, y)`` and a class mask."""
-  all_classes = np.ones(10, bool)
-  if name in ("rotated_digits", "block_digits"):
-    x_tr, y_tr, _, _, x_te, y_te = cl_protocols._digits()  # pylint: disable=protected-access
-    if name == "rotated_digits":
-      views = list(zip(_rotations(x_tr), _rotations(x_te)))
-    else:
-      views = [(x_tr[:, p], x_te[:, p]) for p in _block_orders(4)]
-    return {"tasks": [dict(train=(a, y_tr), test=(b, y_te), mask=all_classes)
-                      for a, b in views]}
-  x_tr, y_tr, _, _, x_te, y_te = cl_protocols._mnist1d()  # pylint: disable=protected-access
-  if name == "permuted_mnist1d":
+def build(name: str) -> list[dict]:
+  """The tasks of ``name``: train / val / test ``(x, y)`` and a class mask."""
+  digits = name in ("rotated_digits", "block_digits")
+  data = cl_protocols._digits() if digits else cl_protocols._mnist1d()  # pylint: disable=protected-access
+  splits = dict(zip(("train", "val", "test"), zip(data[::2], data[1::2])))
+  if name == "split_mnist1d_task":
+    return [{**{part: (x[np.isin(y, pair)], y[np.isin(y, pair)])
+                for part, (x, y) in splits.items()},
+             "mask": np.isin(np.arange(10), pair)}
+            for pair in cl_protocols.DIGIT_PAIRS]
+  if name == "rotated_digits":
+    views = [functools.partial(_rotate, k=k) for k in range(4)]
+  else:
     rng = np.random.default_rng(PERMUTATION_SEED)
-    perms = [np.arange(40)] + [rng.permutation(40) for _ in range(3)]
-    return {"tasks": [dict(train=(x_tr[:, p], y_tr), test=(x_te[:, p], y_te),
-                           mask=all_classes) for p in perms]}
-  tasks = []
-  for pair in cl_protocols.DIGIT_PAIRS:
-    mask = np.isin(np.arange(10), pair)
-    tr, te = np.isin(y_tr, pair), np.isin(y_te, pair)
-    tasks.append(dict(train=(x_tr[tr], y_tr[tr]), test=(x_te[te], y_te[te]),
-                      mask=mask))
-  return {"tasks": tasks}
+    orders = (_block_orders(4) if digits else
+              [np.arange(40)] + [rng.permutation(40) for _ in range(3)])
+    views = [lambda x, order=order: x[:, order] for order in orders]
+  return [{**{part: (view(x), y) for part, (x, y) in splits.items()},
+           "mask": np.ones(10, bool)} for view in views]
 
 
 def _init(key, sizes):
@@ -159,53 +157,87 @@ def _batches(rng, tasks, which, steps):
 
 
 @functools.lru_cache(maxsize=None)
-def _method(optimizer, method):
-  """The transformation and its jitted trainer, built once per method."""
+def _method(optimizer, restore):
+  """The transformation and its jitted trainer, built once per method:
+  the optimizer alone (``restore`` ``"plain"``), behind ``sal.protect()``
+  (``"default"``) or behind ``sal.protect(restore=restore)``."""
   tx = OPTIMIZERS[optimizer]()
-  if method == "protect":
+  if restore == "default":
     tx = optax.chain(sal.protect(), tx)
+  elif restore != "plain":
+    tx = optax.chain(sal.protect(restore=restore), tx)
   return tx, _trainer(tx)
 
 
 def run(name, optimizer, method, seed, steps, tasks):
-  """Accuracy matrix ``R[i, j]``: task ``j`` after training task ``i``
-  (joint: one row, after training on all)."""
-  tx, train = _method(optimizer, method)
+  """Accuracy matrices ``R[i, j]`` on the val and test splits: task ``j``
+  after training task ``i`` (joint: one row, after training on all).
+
+  ``method``: ``"plain"``, ``"joint"``, ``"protect"`` (its defaults) or a
+  float, the strength of ``protect(restore=...)``.
+  """
+  restore = {"joint": "plain", "protect": "default"}.get(method, method)
+  tx, train = _method(optimizer, restore)
   sizes = (tasks[0]["train"][0].shape[1], *HIDDEN, 10)
   params = _init(jax.random.key(seed), sizes)
   state = tx.init(params)
   rng = np.random.default_rng(1000 * seed + PROTOCOLS.index(name))
 
   def accuracies(params):
-    return [float(_accuracy(params, *t["test"], t["mask"])) for t in tasks]
+    return {part: [float(_accuracy(params, *t[part], t["mask"]))
+                   for t in tasks] for part in ("val", "test")}
 
   if method == "joint":
-    batches = _batches(rng, tasks, list(range(len(tasks))),
-                       steps * len(tasks))
-    params, _ = train(params, state, *batches)
-    return np.array([accuracies(params)])
-  rows = []
-  for t in range(len(tasks)):
-    params, state = train(params, state, *_batches(rng, tasks, [t], steps))
-    rows.append(accuracies(params))
-  return np.array(rows)
+    rows = [accuracies(train(params, state, *_batches(
+        rng, tasks, list(range(len(tasks))), steps * len(tasks)))[0])]
+  else:
+    rows = []
+    for t in range(len(tasks)):
+      params, state = train(params, state, *_batches(rng, tasks, [t], steps))
+      rows.append(accuracies(params))
+  return {part: np.array([row[part] for row in rows])
+          for part in ("val", "test")}
+
+
+def _final(runs, part="test"):
+  return float(np.mean([r[part][-1].mean() for r in runs]))
+
+
+def _plasticity(runs):
+  return float(np.mean([np.diag(r["test"]).mean() for r in runs]))
 
 
 def summarise(results: dict) -> dict:
-  """Per protocol and optimizer: means over seeds and the gap closed."""
+  """Per protocol and optimizer: test means over seeds, the gap closed, and
+  the strength chosen on validation among the tuned ones (if any)."""
   out = {}
   for key, per_method in results.items():
-    final = {m: float(np.mean([r[-1].mean() for r in runs]))
-             for m, runs in per_method.items()}
-    plasticity = {m: float(np.mean([np.diag(r).mean() for r in runs]))
-                  for m, runs in per_method.items() if m != "joint"}
-    gap = final["joint"] - final["plain"]
-    out[key] = {
-        "average_accuracy": final, "plasticity": plasticity,
-        "gap_closed": (final["protect"] - final["plain"]) / gap
-                      if gap > 0 else float("nan"),
-        "average_accuracy_seeds": {m: [float(r[-1].mean()) for r in runs]
-                                   for m, runs in per_method.items()}}
+    plain, joint = _final(per_method["plain"]), _final(per_method["joint"])
+    gap = joint - plain
+
+    def closed(runs):
+      return (_final(runs) - plain) / gap if gap > 0 else float("nan")
+
+    s = {"average_accuracy": {m: _final(per_method[m])
+                              for m in ("plain", "protect", "joint")},
+         "plasticity": {m: _plasticity(per_method[m])
+                        for m in ("plain", "protect")},
+         "gap_closed": closed(per_method["protect"]),
+         "average_accuracy_seeds": {
+             str(m): [float(r["test"][-1].mean()) for r in runs]
+             for m, runs in per_method.items()}}
+    strengths = sorted(m for m in per_method if not isinstance(m, str))
+    if strengths:
+      best = max(strengths, key=lambda m: _final(per_method[m], "val"))
+      s["tuned"] = {
+          "restore": best, "at_grid_edge": best in (strengths[0],
+                                                    strengths[-1]),
+          "average_accuracy": _final(per_method[best]),
+          "plasticity": _plasticity(per_method[best]),
+          "gap_closed": closed(per_method[best]),
+          "valid_average_accuracy": {f"{m:g}": _final(per_method[m], "val")
+                                     for m in strengths}}
+    out[key] = s
   return out
 
 
@@ -214,19 +246,34 @@ def _percent(x) -> str:
 
 
 def table(summary: dict) -> str:
-  lines = ["| protocol | optimizer | plain | protect() | joint | gap closed "
-           "| plasticity plain / protect() |", "|---|---|---|---|---|---|---|"]
+  tuned = all("tuned" in s for s in summary.values())
+  head = ("| protocol | optimizer | plain | protect() | joint | gap closed "
+          "| plasticity plain / protect() |")
+  rule = "|---|---|---|---|---|---|---|"
+  if tuned:
+    head += " restore tuned on val: chosen, acc, gap closed, plasticity |"
+    rule += "---|"
+  lines = [head, rule]
   for key, s in summary.items():
     name, optimizer = key.split("/")
     a, p = s["average_accuracy"], s["plasticity"]
-    lines.append(
-        f"| {name} | {optimizer} | {a['plain']:.3f} | {a['protect']:.3f} | "
-        f"{a['joint']:.3f} | {_percent(s['gap_closed'])} | "
-        f"{p['plain']:.3f} / {p['protect']:.3f} |")
-  closed = [s["gap_closed"] for s in summary.values()
-            if np.isfinite(s["gap_closed"])]
-  lines.append(f"\nmean gap closed: {_percent(np.mean(closed) if closed else np.nan)}"
-               " (protocols where joint beats plain)")
+    line = (f"| {name} | {optimizer} | {a['plain']:.3f} | {a['protect']:.3f} "
+            f"| {a['joint']:.3f} | {_percent(s['gap_closed'])} | "
+            f"{p['plain']:.3f} / {p['protect']:.3f} |")
+    if tuned:
+      t = s["tuned"]
+      edge = " (grid edge)" if t["at_grid_edge"] else ""
+      line += (f" {t['restore']:g}{edge}, {t['average_accuracy']:.3f}, "
+               f"{_percent(t['gap_closed'])}, {t['plasticity']:.3f} |")
+    lines.append(line)
+  for label, field in (("protect()", lambda s: s["gap_closed"]),
+                       ("tuned restore", lambda s: s["tuned"]["gap_closed"])):
+    if label == "tuned restore" and not tuned:
+      continue
+    closed = [field(s) for s in summary.values() if np.isfinite(field(s))]
+    lines.append(f"\nmean gap closed, {label}: "
+                 f"{_percent(np.mean(closed) if closed else np.nan)} "
+                 "(over the rows where joint beats plain)")
   return "\n".join(lines)
 
 
@@ -236,20 +283,27 @@ def main(argv=None):
                       help="2 tasks, 30 steps each, 1 seed (smoke test)")
   parser.add_argument("--seeds", type=int, default=3)
   parser.add_argument("--protocols", default=",".join(PROTOCOLS))
+  parser.add_argument(
+      "--restores", default=",".join(f"{r:g}" for r in RESTORES),
+      help="strengths of protect(restore=...) to tune on validation, as a "
+      "reference for the default ('' for none)")
   parser.add_argument("--out", default="outputs/defaults")
   args = parser.parse_args(argv)
   names = args.protocols.split(",")
   for name in names:
     if name not in PROTOCOLS:
       parser.error(f"unknown protocol {name!r}; choose from {PROTOCOLS}")
+  restores = [float(r) for r in args.restores.split(",") if r]
+  if args.quick:
+    restores = restores[::max(len(restores) - 1, 1)]
   seeds = 1 if args.quick else args.seeds
   t0 = time.time()
   results, jobs = {}, []
   for name in names:
-    tasks = build(name)["tasks"][:2 if args.quick else None]
+    tasks = build(name)[:2 if args.quick else None]
     steps = 30 if args.quick else STEPS_PER_TASK[name]
     for optimizer in OPTIMIZERS:
-      for method in ("plain", "protect", "joint"):
+      for method in ("plain", "protect", "joint", *restores):
         for seed in range(seeds):
           jobs.append((name, optimizer, method, seed, steps, tasks))
   for name, optimizer, method, seed, steps, tasks in tqdm(jobs, desc="runs"):
@@ -265,11 +319,12 @@ def main(argv=None):
                                  *(argv if argv is not None else sys.argv[1:])]),
             "seeds": seeds, "steps_per_task": {n: STEPS_PER_TASK[n]
                                                for n in names},
-            "quick": args.quick, "seconds": time.time() - t0,
-            "results": summary,
-            "accuracy_matrices": {k: {m: [r.tolist() for r in runs]
-                                      for m, runs in v.items()}
-                                  for k, v in results.items()}}
+            "restores": restores, "quick": args.quick,
+            "seconds": time.time() - t0, "results": summary,
+            "accuracy_matrices": {
+                k: {str(m): {part: [r[part].tolist() for r in runs]
+                             for part in ("val", "test")}
+                    for m, runs in v.items()} for k, v in results.items()}}
   (out / "defaults.json").write_text(json.dumps(report, indent=1))
   return report
 

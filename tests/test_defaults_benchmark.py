@@ -35,41 +35,69 @@ def test_block_orders_move_whole_blocks():
 
 def test_rotations_are_quarter_turns():
   x = np.arange(2 * 64, dtype=np.float32).reshape(2, 64)
-  views = defaults._rotations(x)
-  np.testing.assert_array_equal(views[0], x)
+  np.testing.assert_array_equal(defaults._rotate(x, 0), x)
   image = x[0].reshape(8, 8)
   # A quarter turn counter-clockwise: the top row becomes the left column.
-  np.testing.assert_array_equal(views[1][0].reshape(8, 8)[:, 0],
+  np.testing.assert_array_equal(defaults._rotate(x, 1)[0].reshape(8, 8)[:, 0],
                                 image[0, ::-1])
-  np.testing.assert_array_equal(views[2][0].reshape(8, 8), image[::-1, ::-1])
+  np.testing.assert_array_equal(defaults._rotate(x, 2)[0].reshape(8, 8),
+                                image[::-1, ::-1])
+
+
+def _runs(*test, val=None):
+  """Runs with these test matrices (val: the same unless given)."""
+  val = test if val is None else val
+  return [{"test": np.array(t), "val": np.array(v)} for t, v in zip(test,
+                                                                     val)]
 
 
 def test_summary_computes_the_gap_closed_by_hand():
   # Two seeds; R rows are "after task i", columns tasks.
-  plain = [np.array([[0.9, 0.1], [0.3, 0.9]]), np.array([[0.9, 0.1],
-                                                         [0.5, 0.9]])]
-  protect = [np.array([[0.8, 0.1], [0.6, 0.8]])] * 2
-  joint = [np.array([[0.85, 0.85]])] * 2
+  plain = _runs([[0.9, 0.1], [0.3, 0.9]], [[0.9, 0.1], [0.5, 0.9]])
+  protect = _runs([[0.8, 0.1], [0.6, 0.8]], [[0.8, 0.1], [0.6, 0.8]])
+  joint = _runs([[0.85, 0.85]], [[0.85, 0.85]])
+  # Two tuned strengths: 10 is better on validation, worse on test.
+  ten = _runs([[0.9, 0.0], [0.4, 0.8]], [[0.9, 0.0], [0.4, 0.8]],
+              val=[[[0.9, 0.0], [0.9, 0.9]]] * 2)
   s = defaults.summarise({"p/adamw": {"plain": plain, "protect": protect,
-                                      "joint": joint}})["p/adamw"]
+                                      "joint": joint, 1.0: protect,
+                                      10.0: ten}})["p/adamw"]
   # Final averages: plain (0.6 + 0.7) / 2 = 0.65, protect 0.7, joint 0.85.
   assert s["average_accuracy"]["plain"] == pytest.approx(0.65)
   assert s["average_accuracy"]["protect"] == pytest.approx(0.7)
   assert s["gap_closed"] == pytest.approx(0.05 / 0.2)
   assert s["plasticity"]["protect"] == pytest.approx(0.8)
+  # Chosen on validation, reported on test: 0.6 = 0.05 below plain.
+  assert s["tuned"]["restore"] == 10.0 and s["tuned"]["at_grid_edge"]
+  assert s["tuned"]["average_accuracy"] == pytest.approx(0.6)
+  assert s["tuned"]["gap_closed"] == pytest.approx(-0.05 / 0.2)
   # Joint no better than plain: no gap to close.
   s = defaults.summarise({"p/adamw": {"plain": plain, "protect": protect,
-                                      "joint": [np.array([[0.6, 0.6]])]}})
-  assert math.isnan(s["p/adamw"]["gap_closed"])
+                                      "joint": _runs([[0.6, 0.6]])}})
+  assert math.isnan(s["p/adamw"]["gap_closed"]) and "tuned" not in s[
+      "p/adamw"]
 
 
 def test_split_task_masks_hold_the_pair():
-  tasks = defaults.build("split_mnist1d_task")["tasks"]
+  tasks = defaults.build("split_mnist1d_task")
   assert len(tasks) == 5
   for pair, task in zip(((0, 1), (2, 3), (4, 5), (6, 7), (8, 9)), tasks):
     assert np.flatnonzero(task["mask"]).tolist() == list(pair)
-    assert set(np.unique(task["train"][1])) == set(pair)
-    assert set(np.unique(task["test"][1])) == set(pair)
+    for part in ("train", "val", "test"):
+      assert set(np.unique(task[part][1])) == set(pair)
+
+
+def test_permuted_tasks_differ_and_keep_the_labels():
+  tasks = defaults.build("permuted_mnist1d")
+  assert len(tasks) == 4
+  first = tasks[0]["train"][0]
+  for task in tasks[1:]:
+    x, y = task["train"]
+    np.testing.assert_array_equal(y, tasks[0]["train"][1])
+    assert not np.array_equal(x, first)
+    # The same columns, reordered.
+    np.testing.assert_allclose(np.sort(x, axis=1), np.sort(first, axis=1))
+  assert not np.array_equal(tasks[1]["train"][0], tasks[2]["train"][0])
 
 
 @pytest.mark.slow
