@@ -44,6 +44,7 @@ from tqdm import tqdm
 import sal_jax as sal
 
 sys.path.insert(0, str(pathlib.Path(__file__).parent))
+import cl_engine  # pylint: disable=g-import-not-at-top,wrong-import-position
 import cl_protocols  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 PROTOCOLS = ("rotated_digits", "block_digits", "permuted_mnist1d",
@@ -109,16 +110,8 @@ def _init(key, sizes):
   return params
 
 
-def _log_probs(params, x, mask):
-  for layer in params[:-1]:
-    x = jax.nn.relu(x @ layer["w"] + layer["b"])
-  logits = x @ params[-1]["w"] + params[-1]["b"]
-  return jax.nn.log_softmax(jnp.where(mask, logits, -1e9))
-
-
 def _loss(params, x, y, mask):
-  logp = _log_probs(params, x, mask)
-  return -jnp.mean(jnp.take_along_axis(logp, y[:, None], axis=1))
+  return jnp.mean(cl_engine.nll(params, x, y, mask)[0])
 
 
 def _trainer(tx):
@@ -139,7 +132,7 @@ def _trainer(tx):
 
 @jax.jit
 def _accuracy(params, x, y, mask):
-  return jnp.mean(jnp.argmax(_log_probs(params, x, mask), -1) == y)
+  return jnp.mean(jnp.argmax(cl_engine.log_probs(params, x, mask), -1) == y)
 
 
 def _batches(rng, tasks, which, steps):
