@@ -184,12 +184,19 @@ def run(name, optimizer, method, seed, steps, tasks):
     rows = [accuracies(train(params, state, *_batches(
         rng, tasks, list(range(len(tasks))), steps * len(tasks)))[0])]
   else:
-    rows = []
+    rows, detected = [], []
     for t in range(len(tasks)):
       params, state = train(params, state, *_batches(rng, tasks, [t], steps))
       rows.append(accuracies(params))
-  return {part: np.array([row[part] for row in rows])
-          for part in ("val", "test")}
+      if sal.find_protect_states(state):
+        detected.append(int(sal.metrics(state)["consolidations"]))
+  out = {part: np.array([row[part] for row in rows])
+         for part in ("val", "test")}
+  if method != "joint" and detected:
+    # Shifts the detector consolidated by the end of each task (the real
+    # boundaries: one before each task but the first).
+    out["consolidations"] = np.array(detected)
+  return out
 
 
 def _final(runs, part="test"):
@@ -213,6 +220,9 @@ def summarise(results: dict) -> dict:
 
     s = {"average_accuracy": {m: _final(per_method[m])
                               for m in ("plain", "protect", "joint")},
+         "consolidations_per_task": np.mean(
+             [r.get("consolidations", np.full(len(r["test"]), np.nan))
+              for r in per_method["protect"]], 0).tolist(),
          "plasticity": {m: _plasticity(per_method[m])
                         for m in ("plain", "protect")},
          "gap_closed": closed(per_method["protect"]),
@@ -241,8 +251,9 @@ def _percent(x) -> str:
 def table(summary: dict) -> str:
   tuned = all("tuned" in s for s in summary.values())
   head = ("| protocol | optimizer | plain | protect() | joint | gap closed "
-          "| plasticity plain / protect() |")
-  rule = "|---|---|---|---|---|---|---|"
+          "| plasticity plain / protect() | shifts detected by each task's "
+          "end (real: 0, 1, 2, ...) |")
+  rule = "|---|---|---|---|---|---|---|---|"
   if tuned:
     head += " restore tuned on val: chosen, acc, gap closed, plasticity |"
     rule += "---|"
@@ -252,7 +263,9 @@ def table(summary: dict) -> str:
     a, p = s["average_accuracy"], s["plasticity"]
     line = (f"| {name} | {optimizer} | {a['plain']:.3f} | {a['protect']:.3f} "
             f"| {a['joint']:.3f} | {_percent(s['gap_closed'])} | "
-            f"{p['plain']:.3f} / {p['protect']:.3f} |")
+            f"{p['plain']:.3f} / {p['protect']:.3f} | "
+            + " · ".join(f"{c:.1f}" for c in s["consolidations_per_task"])
+            + " |")
     if tuned:
       t = s["tuned"]
       edge = " (grid edge)" if t["at_grid_edge"] else ""
@@ -316,7 +329,8 @@ def main(argv=None):
             "seconds": time.time() - t0, "results": summary,
             "accuracy_matrices": {
                 k: {str(m): {part: [r[part].tolist() for r in runs]
-                             for part in ("val", "test")}
+                             for part in ("val", "test", "consolidations")
+                             if part in runs[0]}
                     for m, runs in v.items()} for k, v in results.items()}}
   (out / "defaults.json").write_text(json.dumps(report, indent=1))
   return report

@@ -55,6 +55,8 @@ def test_summary_computes_the_gap_closed_by_hand():
   # Two seeds; R rows are "after task i", columns tasks.
   plain = _runs([[0.9, 0.1], [0.3, 0.9]], [[0.9, 0.1], [0.5, 0.9]])
   protect = _runs([[0.8, 0.1], [0.6, 0.8]], [[0.8, 0.1], [0.6, 0.8]])
+  protect[0]["consolidations"] = np.array([0, 1])
+  protect[1]["consolidations"] = np.array([1, 2])
   joint = _runs([[0.85, 0.85]], [[0.85, 0.85]])
   # Two tuned strengths: 10 is better on validation, worse on test.
   ten = _runs([[0.9, 0.0], [0.4, 0.8]], [[0.9, 0.0], [0.4, 0.8]],
@@ -67,6 +69,7 @@ def test_summary_computes_the_gap_closed_by_hand():
   assert s["average_accuracy"]["protect"] == pytest.approx(0.7)
   assert s["gap_closed"] == pytest.approx(0.05 / 0.2)
   assert s["plasticity"]["protect"] == pytest.approx(0.8)
+  assert s["consolidations_per_task"] == pytest.approx([0.5, 1.5])
   # Chosen on validation, reported on test: 0.6 = 0.05 below plain.
   assert s["tuned"]["restore"] == 10.0 and s["tuned"]["at_grid_edge"]
   assert s["tuned"]["average_accuracy"] == pytest.approx(0.6)
@@ -112,4 +115,7 @@ def test_quick_run_writes_the_table_and_json(tmp_path):
   for s in report["results"].values():
     for method in ("plain", "protect", "joint"):
       assert 0.0 <= s["average_accuracy"][method] <= 1.0
+    # One entry per task of the protocol's quick run (2 tasks), counting up.
+    shifts = s["consolidations_per_task"]
+    assert len(shifts) == 2 and 0 <= shifts[0] <= shifts[1]
   assert "gap closed" in (tmp_path / "defaults.md").read_text()
