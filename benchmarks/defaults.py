@@ -21,9 +21,13 @@ at optax's defaults otherwise; joint training runs as many steps on batches
 drawn from every task. Reported on the test splits, mean over seeds:
 average final accuracy, plasticity (each task's accuracy right after it was
 trained), and the share of the plain-to-joint gap that ``protect()``
-closes, ``(A_protect - A_plain) / (A_joint - A_plain)``.
+closes, ``(A_protect - A_plain) / (A_joint - A_plain)``; also the shifts
+``protect()`` consolidated by the end of each task. As a reference (not the
+default), ``protect(restore=r)`` with ``r`` chosen per protocol on the
+validation split from :data:`RESTORES`, reported on test.
 
-  python benchmarks/defaults.py [--quick] [--seeds 3] [--out DIR]
+  python benchmarks/defaults.py [--quick] [--seeds 3] [--restores 0.1,1,10]
+      [--out DIR]
 """
 
 from __future__ import annotations
