@@ -184,11 +184,11 @@ def run(name, optimizer, method, seed, steps, tasks):
     return {part: [float(_accuracy(params, *t[part], t["mask"]))
                    for t in tasks] for part in ("val", "test")}
 
+  rows, detected = [], []
   if method == "joint":
-    rows = [accuracies(train(params, state, *_batches(
-        rng, tasks, list(range(len(tasks))), steps * len(tasks)))[0])]
+    rows.append(accuracies(train(params, state, *_batches(
+        rng, tasks, list(range(len(tasks))), steps * len(tasks)))[0]))
   else:
-    rows, detected = [], []
     for t in range(len(tasks)):
       params, state = train(params, state, *_batches(rng, tasks, [t], steps))
       rows.append(accuracies(params))
@@ -196,7 +196,7 @@ def run(name, optimizer, method, seed, steps, tasks):
         detected.append(int(sal.metrics(state)["consolidations"]))
   out = {part: np.array([row[part] for row in rows])
          for part in ("val", "test")}
-  if method != "joint" and detected:
+  if detected:
     # Shifts the detector consolidated by the end of each task (the real
     # boundaries: one before each task but the first).
     out["consolidations"] = np.array(detected)
