@@ -33,7 +33,9 @@ def anchor_pull(
 
   The difference is taken in the params' and anchor's common dtype, at
   least float32. A weight may be a factored unit (see
-  :mod:`sal_jax._common.units`), expanded inside the elementwise pull.
+  :mod:`sal_jax._common.units`), expanded inside the elementwise pull, or
+  a Kronecker one, applied as :math:`L (\theta - \bar\theta)
+  \operatorname{diag}(c) / \operatorname{tr} L`.
 
   Args:
     params: the current params.
@@ -55,6 +57,9 @@ def anchor_pull(
     difference = _tree_utils.difference(p, a)
     if w is None:
       return difference if scale is None else scale * difference
+    if _units.is_kronecker_unit(w, p):
+      pulled = _units.weigh(w, p, difference)
+      return pulled if scale is None else scale * pulled
     w = _units.dense(w, p)
     weight = w if scale is None else w * scale
     return weight * difference

@@ -18,10 +18,28 @@ is kept per *unit* of a parameter leaf:
     \quad r = \operatorname{mean}_a v, \; c = \operatorname{mean}_b v,
 
   exact when :math:`v` has rank one over :math:`(a, b)`, and in general
-  with the same sums over :math:`a` and over :math:`b` as :math:`v`.
+  with the same sums over :math:`a` and over :math:`b` as :math:`v`;
+* ``"kronecker"``: for a kernel :math:`W` of ``n_in`` inputs (all axes but
+  the last) and ``n_out`` outputs (the last axis), with
+  ``2 <= n_in <= n_out``, a Kronecker-factored importance
+  :math:`L \otimes \operatorname{diag}(c)`: :math:`L` (``n_in x n_in``)
+  the second moment of the gradient over the input axis,
+  :math:`G G^\top`, and :math:`c` its energy per output,
+  :math:`\sum_i G_{ij}^2`. Applied to a displacement :math:`D` it weighs
+
+  .. math::
+    D \mapsto L D \operatorname{diag}(c) / \operatorname{tr} L,
+
+  so it protects *directions* of the input space a task used, not only
+  entries; its diagonal is the factored reconstruction
+  :math:`L_{ii} c_j / \operatorname{tr} L` and its sum
+  :math:`\operatorname{tr} L = \sum_j c_j` that of the per-element
+  importance. Other leaves (vectors, kernels with more inputs than
+  outputs, whose input factor would outgrow them) keep it per element,
+  so it never keeps more than the per-element unit.
 
 A factored unit is one flat float32 array per leaf, :math:`r` then
-:math:`c`, so that every importance tree has one array per parameter leaf,
+:math:`c` (a Kronecker one: :math:`L` flattened, then :math:`c`), so that every importance tree has one array per parameter leaf,
 as optimizer states do (Flax NNX wraps each in a variable; checkpointers
 see arrays). Linear updates (decays, sums) apply to it entry by entry.
 """
@@ -35,7 +53,7 @@ import jax.numpy as jnp
 
 from sal_jax._common import tree_utils as _tree_utils
 
-UNITS = ("leaf", "element", "factored")
+UNITS = ("leaf", "element", "factored", "kronecker")
 
 _TINY = 1e-30
 
@@ -57,10 +75,51 @@ def _sizes(shape: tuple[int, ...]) -> tuple[tuple[int, ...], tuple[int, ...]]:
           tuple(n for i, n in enumerate(shape) if i != b))
 
 
+def _factored_size(shape: tuple[int, ...]) -> int:
+  row_shape, col_shape = _sizes(shape)
+  return math.prod(row_shape) + math.prod(col_shape)
+
+
+def _kronecker_dims(shape: tuple[int, ...]) -> tuple[int, int]:
+  """(inputs, outputs) of a kernel: all axes but the last, and the last."""
+  return math.prod(shape[:-1]), shape[-1]
+
+
+def _kronecker_size(shape: tuple[int, ...]) -> int | None:
+  """The size of a Kronecker unit of a leaf of ``shape``, or ``None`` where
+  the leaf keeps its importance per element."""
+  if len(shape) < 2:
+    return None
+  n_in, n_out = _kronecker_dims(shape)
+  size = n_in * n_in + n_out
+  # The size tells the flat units apart: where it would equal a factored
+  # unit's (never for a matrix with two or more inputs), stay per element.
+  if not 2 <= n_in <= n_out or size == _factored_size(shape):
+    return None
+  return size
+
+
 def is_factored_unit(u: jax.Array, p: jax.Array) -> bool:
   """Whether ``u`` is a factored unit of the leaf ``p`` (from the shapes:
-  a factored unit is flat, an element one shaped like ``p``)."""
-  return jnp.ndim(p) >= 2 and jnp.ndim(u) == 1
+  a factored unit is flat, of the size of the leaf's two means; an element
+  one is shaped like ``p``)."""
+  return (jnp.ndim(p) >= 2 and jnp.ndim(u) == 1
+          and jnp.size(u) == _factored_size(jnp.shape(p)))
+
+
+def is_kronecker_unit(u: jax.Array, p: jax.Array) -> bool:
+  """Whether ``u`` is a Kronecker unit of the leaf ``p`` (flat, of size
+  ``n_in ** 2 + n_out``)."""
+  size = _kronecker_size(jnp.shape(p))
+  return size is not None and jnp.ndim(u) == 1 and jnp.size(u) == size
+
+
+def _kronecker_split(u: jax.Array, p: jax.Array):
+  """:math:`L` (``n_in x n_in``) and :math:`c` (``n_out``) of a Kronecker
+  unit of ``p``, in float32."""
+  n_in, _ = _kronecker_dims(jnp.shape(p))
+  u = u.astype(jnp.float32)
+  return u[:n_in * n_in].reshape(n_in, n_in), u[n_in * n_in:]
 
 
 def _factors(v: jax.Array) -> jax.Array:
@@ -82,6 +141,8 @@ def zeros(p: jax.Array, unit: str) -> jax.Array:
   """A zero importance for the leaf ``p``, as ``unit`` keeps it."""
   if unit == "leaf":
     return jnp.zeros((), jnp.float32)
+  if unit == "kronecker" and _kronecker_size(jnp.shape(p)) is not None:
+    return jnp.zeros((_kronecker_size(jnp.shape(p)),), jnp.float32)
   if is_factored(p, unit):
     row_shape, col_shape = _sizes(jnp.shape(p))
     return jnp.zeros((math.prod(row_shape) + math.prod(col_shape),),
@@ -94,6 +155,11 @@ def energy(g: jax.Array, scale: jax.Array, unit: str) -> jax.Array:
   g = _tree_utils.to_real(g)
   if unit == "leaf":
     return jnp.mean(jnp.square(g)) * scale
+  if unit == "kronecker" and _kronecker_size(jnp.shape(g)) is not None:
+    n_in, n_out = _kronecker_dims(jnp.shape(g))
+    m = g.reshape(n_in, n_out)
+    return jnp.concatenate([jnp.ravel((m * scale) @ m.T),
+                            jnp.sum(m * (m * scale), axis=0)])
   if is_factored(g, unit):
     # g^2 spelled apart from the energy sums' square (and the scale in one
     # reduction only): XLA CPU writes a square or a broadcast that several
@@ -113,13 +179,25 @@ def factor(v: jax.Array, like: jax.Array) -> jax.Array:
   the same leaf)."""
   if is_factored_unit(like, v):
     return _factors(v)
+  if is_kronecker_unit(like, v):
+    # L = diag of the row sums: the diagonal it stands for is the rank-one
+    # (factored) reconstruction of v, with v's sums.
+    n_in, n_out = _kronecker_dims(jnp.shape(v))
+    m = v.reshape(n_in, n_out)
+    return jnp.concatenate([jnp.ravel(jnp.diag(jnp.sum(m, axis=1))),
+                            jnp.sum(m, axis=0)])
   if jnp.ndim(like) == 0 and jnp.ndim(v) > 0:
     return jnp.mean(v)
   return v
 
 
 def dense(u: jax.Array, p: jax.Array) -> jax.Array:
-  """The importance a unit of ``p`` stands for, broadcastable to ``p``."""
+  """The importance a unit of ``p`` stands for, broadcastable to ``p`` (of
+  a Kronecker unit: its diagonal)."""
+  if is_kronecker_unit(u, p):
+    cov, col = _kronecker_split(u, p)
+    trace = jnp.maximum(jnp.sum(col), _TINY)
+    return (jnp.diagonal(cov)[:, None] * (col / trace)).reshape(jnp.shape(p))
   if is_factored_unit(u, p):
     a, b = _axes(jnp.shape(p))
     # In float32 whatever the stored dtype: the product is the weight.
@@ -130,9 +208,24 @@ def dense(u: jax.Array, p: jax.Array) -> jax.Array:
   return u
 
 
+def weigh(u: jax.Array, p: jax.Array, d: jax.Array) -> jax.Array:
+  """The importance a unit of ``p`` stands for, applied to ``d`` (shaped
+  like ``p``): ``w * d`` entry by entry, ``L D diag(c) / tr L`` for a
+  Kronecker unit."""
+  if is_kronecker_unit(u, p):
+    cov, col = _kronecker_split(u, p)
+    trace = jnp.maximum(jnp.sum(col), _TINY)
+    n_in, n_out = _kronecker_dims(jnp.shape(p))
+    return ((cov @ d.reshape(n_in, n_out)) * (col / trace)).reshape(
+        jnp.shape(d))
+  return dense(u, p) * d
+
+
 def total(u: jax.Array, p: jax.Array) -> jax.Array:
   """The sum of the importance a unit of ``p`` stands for over ``p``."""
   u = u.astype(jnp.float32)
+  if is_kronecker_unit(u, p):
+    return jnp.sum(_kronecker_split(u, p)[1])
   if is_factored_unit(u, p):
     # sum_ab r c / mean_b(r) = (size of b) sum c, per other index.
     return jnp.shape(p)[_axes(jnp.shape(p))[1]] * jnp.sum(split(u, p)[1])

@@ -27,7 +27,7 @@ def get_estimator(estimator: str | _estimators.StabilityEstimator,
     estimator: a name in :data:`ESTIMATORS` or a
       :class:`~sal_jax.StabilityEstimator`.
     granularity: ``"leaf"``, ``"element"`` or (shift consolidation only)
-      ``"factored"``, passed to named estimators
+      ``"factored"`` or ``"kronecker"``, passed to named estimators
       (``None``: the estimator's own default); for an instance, ``None`` or
       its own granularity.
 

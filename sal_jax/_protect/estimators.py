@@ -203,17 +203,23 @@ def relative_unit_scores(importance: chex.ArrayTree, params: chex.ArrayTree,
 
 def weighted_distance(weights: chex.ArrayTree, params: chex.ArrayTree,
                       anchor: chex.ArrayTree) -> jax.Array:
-  """``sum(w * |theta - anchor|^2)`` over every unit, a float32 scalar.
+  r"""``sum(w * |theta - anchor|^2)`` over every unit, a float32 scalar.
 
-  A weight may be a factored unit (see :mod:`sal_jax._common.units`).
+  A weight may be a factored or Kronecker unit (see
+  :mod:`sal_jax._common.units`; a Kronecker one weighs
+  :math:`d^\top (L \otimes \operatorname{diag}(c)) d / \operatorname{tr} L`).
   """
   # anchor - theta, the pull's theta - anchor spelled the other way round:
   # XLA CPU writes a difference that this sum and the pull share to a
   # full-size temporary; apart, each computes it inline.
-  return sum(jax.tree.leaves(jax.tree.map(
-      lambda p, a, w: jnp.sum(_units.dense(w, p) * jnp.square(
-          _tree_utils.to_real(_tree_utils.difference(a, p)))),
-      params, anchor, weights)), jnp.zeros((), jnp.float32))
+  def leaf(p, a, w):
+    d = _tree_utils.to_real(_tree_utils.difference(a, p))
+    if _units.is_kronecker_unit(w, p):
+      return jnp.sum(d * _units.weigh(w, p, d))
+    return jnp.sum(_units.dense(w, p) * jnp.square(d))
+
+  return sum(jax.tree.leaves(jax.tree.map(leaf, params, anchor, weights)),
+             jnp.zeros((), jnp.float32))
 
 
 def check_score_shapes(raw, scores, granularity) -> None:

@@ -151,8 +151,8 @@ def protect(
       one without (the reference).
     score_ema: weight :math:`\beta \in (0, 1]` of the new raw score.
     granularity: ``"leaf"`` (one score per parameter tensor), ``"element"``
-      (one per entry) or ``"factored"`` (shift consolidation's importance
-      as row and column means per matrix). ``None``: the estimator's own
+      (one per entry), or for shift consolidation ``"factored"`` or
+      ``"kronecker"`` (see its docs). ``None``: the estimator's own
       (element for shift consolidation, leaf for the others; an instance
       brings its own).
     estimator: name of a stability estimator (``"shift_consolidation"``,

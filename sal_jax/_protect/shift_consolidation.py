@@ -147,31 +147,31 @@ def shift_consolidation_estimator(
 
   Units (see :mod:`sal_jax._common.units`): ``granularity="element"``
   keeps both importances per element; ``"factored"`` keeps those of every
-  matrix as row and column means (as Adafactor keeps its second moment),
-  and the pull weighs entry :math:`ij` by :math:`r_i c_j /
-  \operatorname{mean}(r)`; ``"leaf"`` keeps one scalar of each per leaf.
-  ``running_unit="factored"`` at element granularity factors only the
-  running importance :math:`\Omega`: each consolidation then adds the
-  rank-one reconstruction of :math:`\hat\Omega` to a per-element
-  :math:`\Omega^*`. Every operation on the importance is linear, so a
-  factored importance is exactly the row and column means of the
-  per-element one.
+  matrix as row and column means (as Adafactor keeps its second moment;
+  the pull weighs entry :math:`ij` by :math:`r_i c_j / \operatorname{mean}
+  (r)`); ``"kronecker"`` keeps, for every kernel with no more inputs than
+  outputs, the second moment of the gradient over its inputs
+  :math:`L = G G^\top` and its energy per output :math:`c`, and pulls by
+  :math:`L (\theta - \theta^*) \operatorname{diag}(c) / \operatorname{tr}
+  L`: it protects the input directions a task used, not only entries
+  (``n_in^2 n_out`` more multiply-adds per kernel and step); ``"leaf"``
+  keeps one scalar of each per leaf. ``running_unit="factored"`` at
+  element granularity factors only :math:`\Omega` (each consolidation adds
+  its rank-one reconstruction to a per-element :math:`\Omega^*`). Every
+  operation on the importance is linear, so the factored and Kronecker
+  importances are exact row and column means (sums) of the per-element one.
 
   Memory beyond the optimizer, in copies of float32 params: the anchor
   (exact, in the params' dtype) and :math:`\Omega, \Omega^*` in
   ``importance_dtype``: 3x in float32 (the default), 2x in bfloat16;
-  ``running_unit="factored"`` 2x (1.5x), ``"factored"``, ``"leaf"`` 1x.
-  On the continual-learning benchmark (average final accuracy, 7
-  protocols, against per element): ``running_unit="factored"`` -0.7
-  points, ``"factored"`` -1.7, both within 1 point on the split protocols
-  and up to 3.4 and 5.2 below on the task-free streams, where
-  rounding-level changes alone move results by up to 2.6 points. Under
-  sharding, the means of a sharded matrix are reduced across devices.
+  ``running_unit="factored"`` 2x (1.5x), ``"factored"``, ``"leaf"`` 1x,
+  ``"kronecker"`` at most 3x (what each costs in protection: README,
+  "Estimators"). Sharded matrices' means are reduced across devices.
 
   Args:
-    granularity: the unit of the consolidated importance: ``"element"``
-      (the default), ``"factored"`` (row and column means per matrix) or
-      ``"leaf"``.
+    granularity: the unit of the importances: ``"element"`` (the
+      default), ``"factored"`` (row and column means per matrix),
+      ``"kronecker"`` (input-side second moment per kernel) or ``"leaf"``.
     importance_decay: :math:`\gamma \in (0, 1)`; the importance averages
       about :math:`1 / (1 - \gamma)` steps.
     fast_decay: :math:`\beta_f \in (0, 1)`, the fast energy average.
@@ -376,7 +376,7 @@ def shift_consolidation_estimator(
         importance=importance, consolidated=consolidated, anchor=anchor,
         reference=reference.astype(jnp.float32))
 
-    if granularity == "factored":
+    if granularity in ("factored", "kronecker"):
       raw = _estimators.relative_unit_scores(consolidated, params,
                                              relative_importance)
     else:
