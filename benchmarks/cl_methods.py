@@ -170,6 +170,14 @@ METHODS = {m.name: m for m in (
                optax.adamw(hp["lr"])),
            "strength", {"lr": HALF_DECADES_3,
                         "strength": (0.1, 1.0, 10.0, 100.0)}),
+    Method("sal_kronecker", "chain(sal.protect(restore=strength, "
+           "granularity='kronecker'), adamw(lr)) (input-side second moment "
+           "per kernel)",
+           lambda hp, key: optax.chain(
+               sal.protect(restore=hp["strength"], granularity="kronecker"),
+               optax.adamw(hp["lr"])),
+           "strength", {"lr": HALF_DECADES_3,
+                        "strength": (0.1, 1.0, 10.0, 100.0)}),
     Method("sal_bf16", "chain(sal.protect(restore=strength, "
            "estimator=shift_consolidation_estimator(importance_dtype="
            "jnp.bfloat16)), adamw(lr)) (importances in bfloat16: 2x state)",

@@ -22,7 +22,10 @@ drawn from every task. Reported on the test splits, mean over seeds:
 average final accuracy, plasticity (each task's accuracy right after it was
 trained), and the share of the plain-to-joint gap that ``protect()``
 closes, ``(A_protect - A_plain) / (A_joint - A_plain)``; also the shifts
-``protect()`` consolidated by the end of each task. As a reference (not the
+``protect()`` consolidated by the end of each task. Alongside, one
+argument away, the Kronecker-factored importance,
+``protect(granularity="kronecker")`` (at the default strength, or at
+``--kronecker-restore``), the same way. As a reference (not the
 default), ``protect(restore=r)`` with ``r`` chosen per protocol on the
 validation split from :data:`RESTORES`, reported on test.
 
@@ -154,27 +157,32 @@ def _batches(rng, tasks, which, steps):
 
 
 @functools.lru_cache(maxsize=None)
-def _method(optimizer, restore):
+def _method(optimizer, restore, kronecker_restore=None):
   """The transformation and its jitted trainer, built once per method:
   the optimizer alone (``restore`` ``"plain"``), behind ``sal.protect()``
-  (``"default"``) or behind ``sal.protect(restore=restore)``."""
+  (``"default"``), its Kronecker form (``"kronecker"``) or behind
+  ``sal.protect(restore=restore)``; ``kronecker_restore``: the Kronecker
+  form's strength (``None``: protect's default)."""
   tx = OPTIMIZERS[optimizer]()
   if restore == "default":
     tx = optax.chain(sal.protect(), tx)
+  elif restore == "kronecker":
+    tx = optax.chain(sal.protect(granularity="kronecker",
+                                 restore=kronecker_restore), tx)
   elif restore != "plain":
     tx = optax.chain(sal.protect(restore=restore), tx)
   return tx, _trainer(tx)
 
 
-def run(name, optimizer, method, seed, steps, tasks):
+def run(name, optimizer, method, seed, steps, tasks, kronecker_restore=None):
   """Accuracy matrices ``R[i, j]`` on the val and test splits: task ``j``
   after training task ``i`` (joint: one row, after training on all).
 
-  ``method``: ``"plain"``, ``"joint"``, ``"protect"`` (its defaults) or a
-  float, the strength of ``protect(restore=...)``.
+  ``method``: ``"plain"``, ``"joint"``, ``"protect"`` (its defaults),
+  ``"kronecker"`` or a float, the strength of ``protect(restore=...)``.
   """
   restore = {"joint": "plain", "protect": "default"}.get(method, method)
-  tx, train = _method(optimizer, restore)
+  tx, train = _method(optimizer, restore, kronecker_restore)
   sizes = (tasks[0]["train"][0].shape[1], *HIDDEN, 10)
   params = _init(jax.random.key(seed), sizes)
   state = tx.init(params)
@@ -211,7 +219,7 @@ def _plasticity(runs):
   return float(np.mean([np.diag(r["test"]).mean() for r in runs]))
 
 
-def summarise(results: dict) -> dict:
+def summarise(results: dict, kronecker_restore=None) -> dict:
   """Per protocol and optimizer: test means over seeds, the gap closed, and
   the strength chosen on validation among the tuned ones (if any)."""
   out = {}
@@ -233,6 +241,14 @@ def summarise(results: dict) -> dict:
          "average_accuracy_seeds": {
              str(m): [float(r["test"][-1].mean()) for r in runs]
              for m, runs in per_method.items()}}
+    if "kronecker" in per_method:
+      runs = per_method["kronecker"]
+      s["kronecker"] = {
+          "restore": kronecker_restore,  # None: protect's default
+          "average_accuracy": _final(runs), "plasticity": _plasticity(runs),
+          "gap_closed": closed(runs),
+          "consolidations_per_task": np.mean(
+              [r["consolidations"] for r in runs], 0).tolist()}
     strengths = sorted(m for m in per_method if not isinstance(m, str))
     if strengths:
       best = max(strengths, key=lambda m: _final(per_method[m], "val"))
@@ -254,10 +270,17 @@ def _percent(x) -> str:
 
 def table(summary: dict) -> str:
   tuned = all("tuned" in s for s in summary.values())
+  kron = all("kronecker" in s for s in summary.values())
   head = ("| protocol | optimizer | plain | protect() | joint | gap closed "
           "| plasticity plain / protect() | shifts detected by each task's "
           "end (real: 0, 1, 2, ...) |")
   rule = "|---|---|---|---|---|---|---|---|"
+  if kron:
+    strength = next(iter(summary.values()))["kronecker"]["restore"]
+    strength = "default" if strength is None else f"{strength:g}"
+    head += (f" kronecker (restore {strength}): acc, gap closed, "
+             "plasticity, shifts |")
+    rule += "---|"
   if tuned:
     head += " restore tuned on val: chosen, acc, gap closed, plasticity |"
     rule += "---|"
@@ -270,6 +293,11 @@ def table(summary: dict) -> str:
             f"{p['plain']:.3f} / {p['protect']:.3f} | "
             + " · ".join(f"{c:.1f}" for c in s["consolidations_per_task"])
             + " |")
+    if kron:
+      k = s["kronecker"]
+      line += (f" {k['average_accuracy']:.3f}, {_percent(k['gap_closed'])}, "
+               f"{k['plasticity']:.3f}, " + " · ".join(
+                   f"{c:.1f}" for c in k["consolidations_per_task"]) + " |")
     if tuned:
       t = s["tuned"]
       edge = " (grid edge)" if t["at_grid_edge"] else ""
@@ -277,8 +305,10 @@ def table(summary: dict) -> str:
                f"{_percent(t['gap_closed'])}, {t['plasticity']:.3f} |")
     lines.append(line)
   for label, field in (("protect()", lambda s: s["gap_closed"]),
+                       ("kronecker", lambda s: s["kronecker"]["gap_closed"]),
                        ("tuned restore", lambda s: s["tuned"]["gap_closed"])):
-    if label == "tuned restore" and not tuned:
+    if (label == "tuned restore" and not tuned) or (
+        label == "kronecker" and not kron):
       continue
     closed = [field(s) for s in summary.values() if np.isfinite(field(s))]
     lines.append(f"\nmean gap closed, {label}: "
@@ -297,6 +327,10 @@ def main(argv=None):
       "--restores", default=",".join(f"{r:g}" for r in RESTORES),
       help="strengths of protect(restore=...) to tune on validation, as a "
       "reference for the default ('' for none)")
+  parser.add_argument(
+      "--kronecker-restore", type=float, default=None,
+      help="strength of protect(granularity='kronecker') (default: "
+      "protect's own)")
   parser.add_argument("--out", default="outputs/defaults")
   args = parser.parse_args(argv)
   names = args.protocols.split(",")
@@ -313,13 +347,14 @@ def main(argv=None):
     tasks = build(name)[:2 if args.quick else None]
     steps = 30 if args.quick else STEPS_PER_TASK[name]
     for optimizer in OPTIMIZERS:
-      for method in ("plain", "protect", "joint", *restores):
+      for method in ("plain", "protect", "kronecker", "joint", *restores):
         for seed in range(seeds):
           jobs.append((name, optimizer, method, seed, steps, tasks))
   for name, optimizer, method, seed, steps, tasks in tqdm(jobs, desc="runs"):
     results.setdefault(f"{name}/{optimizer}", {}).setdefault(
-        method, []).append(run(name, optimizer, method, seed, steps, tasks))
-  summary = summarise(results)
+        method, []).append(run(name, optimizer, method, seed, steps, tasks,
+                               args.kronecker_restore))
+  summary = summarise(results, args.kronecker_restore)
   text = table(summary)
   print(text)
   out = pathlib.Path(args.out)
@@ -330,6 +365,7 @@ def main(argv=None):
             "seeds": seeds, "steps_per_task": {n: STEPS_PER_TASK[n]
                                                for n in names},
             "restores": restores, "quick": args.quick,
+            "kronecker_restore": args.kronecker_restore,
             "seconds": time.time() - t0, "results": summary,
             "accuracy_matrices": {
                 k: {str(m): {part: [r[part].tolist() for r in runs]
