@@ -61,6 +61,8 @@ def test_summary_computes_the_gap_closed_by_hand():
   # Two tuned strengths: 10 is better on validation, worse on test.
   ten = _runs([[0.9, 0.0], [0.4, 0.8]], [[0.9, 0.0], [0.4, 0.8]],
               val=[[[0.9, 0.0], [0.9, 0.9]]] * 2)
+  for r, c in zip(ten, ([0, 1], [1, 1])):
+    r["consolidations"] = np.array(c)
   s = defaults.summarise({"p/adamw": {"plain": plain, "protect": protect,
                                       "joint": joint, 1.0: protect,
                                       10.0: ten}})["p/adamw"]
@@ -74,6 +76,14 @@ def test_summary_computes_the_gap_closed_by_hand():
   assert s["tuned"]["restore"] == 10.0 and s["tuned"]["at_grid_edge"]
   assert s["tuned"]["average_accuracy"] == pytest.approx(0.6)
   assert s["tuned"]["gap_closed"] == pytest.approx(-0.05 / 0.2)
+  # The Kronecker form, summarised like protect().
+  s = defaults.summarise({"p/adamw": {"plain": plain, "protect": protect,
+                                      "kronecker": ten, "joint": joint}},
+                         kronecker_restore=10.0)["p/adamw"]["kronecker"]
+  assert s["restore"] == 10.0
+  assert s["average_accuracy"] == pytest.approx(0.6)
+  assert s["gap_closed"] == pytest.approx(-0.05 / 0.2)
+  assert s["plasticity"] == pytest.approx(0.85)
   # Joint no better than plain: no gap to close.
   s = defaults.summarise({"p/adamw": {"plain": plain, "protect": protect,
                                       "joint": _runs([[0.6, 0.6]])}})
@@ -118,4 +128,6 @@ def test_quick_run_writes_the_table_and_json(tmp_path):
     # One entry per task of the protocol's quick run (2 tasks), counting up.
     shifts = s["consolidations_per_task"]
     assert len(shifts) == 2 and 0 <= shifts[0] <= shifts[1]
+    assert 0.0 <= s["kronecker"]["average_accuracy"] <= 1.0
+    assert len(s["kronecker"]["consolidations_per_task"]) == 2
   assert "gap closed" in (tmp_path / "defaults.md").read_text()
