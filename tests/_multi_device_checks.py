@@ -436,6 +436,37 @@ def sharding_shift_consolidation_element():
                          granularity="element", restore=1.0)
 
 
+@check
+def sharding_shift_consolidation_kronecker():
+  """The Kronecker form on a 2x4 mesh: the same steps as unsharded, and no
+  whole matrix gathered (its factors need reductions over the sharded
+  axes, which XLA places)."""
+  _, shardings, batch_sharding, tx, train_step, _ = _sharded_setup(
+      estimator="shift_consolidation", granularity="kronecker", restore=1.0)
+  params = jax.device_put(init_params(), shardings)
+  opt_state = tx.init(params)
+  put_batch = lambda x, y: (jax.device_put(x, batch_sharding),
+                            jax.device_put(y, batch_sharding))
+  data = batches()
+  step = jax.jit(train_step).lower(
+      params, opt_state, *put_batch(*data[0])).compile()
+  for x, y in data:
+    params, opt_state = step(params, opt_state, *put_batch(x, y))
+  ref_params, ref_state = single_device_run(dict(
+      estimator="shift_consolidation", granularity="kronecker", restore=1.0))
+  assert_trees_close(params, ref_params, "params (sharded vs unsharded)")
+  assert_trees_close(sal_state(opt_state), sal_state(ref_state),
+                     "ProtectState (sharded vs unsharded)")
+  kron = sal_state(opt_state).estimator_state.consolidated["w1"]
+  assert kron.shape == (D_IN * D_IN + D_HIDDEN,), kron.shape
+  # Its output energies c (a vector of n_out) are gathered; no matrix is.
+  matrices = {k: p for k, p in params.items() if p.ndim >= 2}
+  gathers = full_param_all_gathers(step.as_text(), matrices)
+  assert not gathers, f"train step gathers whole matrices: {gathers}"
+  return (f"max |sharded - unsharded| {max_abs_diff(params, ref_params):.1e}"
+          "; 0 whole-matrix all-gathers")
+
+
 def _init_sharding_check(granularity, estimator="reference"):
   mesh = make_mesh()
   params = jax.device_put(

@@ -41,6 +41,7 @@ CHECKS = (
     "sharding_leaf",
     "sharding_element_preserve_rms",
     "sharding_shift_consolidation_element",
+    "sharding_shift_consolidation_kronecker",
     "init_sharding_leaf",
     "init_sharding_element",
     "init_sharding_importance_estimators",
