@@ -84,6 +84,18 @@ def test_summary_computes_the_gap_closed_by_hand():
   assert s["average_accuracy"] == pytest.approx(0.6)
   assert s["gap_closed"] == pytest.approx(-0.05 / 0.2)
   assert s["plasticity"] == pytest.approx(0.85)
+  # EWC with boundaries: chosen on validation (a diverged strength never),
+  # reported on test.
+  nan = _runs([[np.nan, np.nan], [np.nan, np.nan]])
+  s = defaults.summarise({"p/adamw": {
+      "plain": plain, "protect": protect, "joint": joint,
+      ("ewc", 1.0): protect, ("ewc", 10.0): ten, ("ewc", 100.0): nan}})
+  e = s["p/adamw"]["ewc_tuned"]
+  assert e["strength"] == 10.0 and not e["at_grid_edge"]
+  assert e["average_accuracy"] == pytest.approx(0.6)
+  assert e["gap_closed"] == pytest.approx(-0.05 / 0.2)
+  assert "tuned" not in s["p/adamw"]  # no protect(restore=...) strengths
+  assert "EWC, boundaries and Fisher given" in defaults.table(s)
   # Joint no better than plain: no gap to close.
   s = defaults.summarise({"p/adamw": {"plain": plain, "protect": protect,
                                       "joint": _runs([[0.6, 0.6]])}})
@@ -130,4 +142,5 @@ def test_quick_run_writes_the_table_and_json(tmp_path):
     assert len(shifts) == 2 and 0 <= shifts[0] <= shifts[1]
     assert 0.0 <= s["kronecker"]["average_accuracy"] <= 1.0
     assert len(s["kronecker"]["consolidations_per_task"]) == 2
+    assert s["ewc_tuned"]["strength"] in report["ewc_strengths"]
   assert "gap closed" in (tmp_path / "defaults.md").read_text()
