@@ -74,7 +74,7 @@ PERMUTATION_SEED = 17  # not one of continual.py's
 # found the best strength 100x apart on two protocols.
 RESTORES = (0.1, 0.3, 1.0, 3.0, 10.0, 30.0, 100.0, 300.0, 1000.0)
 # EWC's penalty is in the raw Fisher's units: decades over a wide range.
-EWC_STRENGTHS = (1.0, 10.0, 100.0, 1e3, 1e4, 1e5)
+EWC_STRENGTHS = (0.01, 0.1, 1.0, 10.0, 100.0, 1e3, 1e4)
 FISHER_EXAMPLES = 512
 
 

@@ -29,6 +29,9 @@ pretrained model, on the same batches per seed:
                 text and requests as ``drift=`` (eps, nats)
 ``sal_continued`` one ``chain(sal.protect(), adamw)`` through all three
                 stages, no consolidate call; its restore is set for stage 3
+``sal_kronecker`` (optional) ``chain(sal.protect(restore=lambda,
+                granularity="kronecker"), adamw)`` after
+                ``sal.fisher_kronecker`` + ``sal.consolidate`` (lambda)
 ==============  ========================================================
 
 Every method but AdamW fine-tunes at AdamW's *matched* learning rate: the
@@ -99,10 +102,11 @@ class Config:
       ("sal_continued", "restore", (0.3, 1.0, 3.0, 10.0, 30.0)),
       ("sal_probe_loss", "budget (nats of probe-loss rise)",
        (0.01, 0.03, 0.1, 0.3)),
+      ("sal_kronecker", "restore", (3.0, 10.0, 30.0, 100.0, 300.0)),
   )
-  # sal_probe_loss runs only when asked for (--methods), to keep the
-  # default run within 30 minutes.
-  optional: tuple = ("sal_probe_loss",)
+  # These run only when asked for (--methods), to keep the default run
+  # within 30 minutes.
+  optional: tuple = ("sal_probe_loss", "sal_kronecker")
 
 
 QUICK = Config(width=64, depth=1, pretrain_steps=300, behaviour_steps=60,
@@ -279,7 +283,7 @@ def pretrain(data: Data, optimizer_for, seed: int, desc: str):
   return model, optimizer
 
 
-def fisher_of_old_data(model, data: Data):
+def fisher_of_old_data(model, data: Data, fisher=sal.fisher_diagonal):
   """The diagonal Fisher of stages 1-2: of prose windows and of the trained
   replies, each normalised to mean 1 and averaged (``sal.combine_fishers``):
   pooled, the confidently learned replies' tiny Fisher would barely count."""
@@ -297,8 +301,8 @@ def fisher_of_old_data(model, data: Data):
       (data.behaviour["train"].tokens[pick], data.behaviour["train"].mask[pick]),
   ]
   return params, sal.combine_fishers(
-      [sal.fisher_diagonal(example_losses, params, [batch])
-       for batch in sources])
+      [fisher(example_losses, params, [batch]) for batch in sources],
+      params=params)
 
 
 def make_probe(model, data: Data):
@@ -351,6 +355,9 @@ class Methods:
             optax.inject_hyperparams(sal.protect)(restore=1.0), adamw),
         "sal_probe": optax.chain(
             optax.inject_hyperparams(sal.protect)(budget=0.1), adamw),
+        "sal_kronecker": optax.chain(
+            optax.inject_hyperparams(sal.protect)(
+                restore=1.0, granularity="kronecker"), adamw),
         "lora": optax.adamw(LORA_LR_FACTOR * base_lr),
     }
 
@@ -360,14 +367,18 @@ class Methods:
     optimizer = nnx.Optimizer(model, tx, wrt=wrt)
     if name == "adamw":
       set_hyperparam(optimizer, "learning_rate", value)
-    elif name in ("l2_init", "ewc", "sal", "sal_probe", "sal_probe_loss"):
+    elif name in ("l2_init", "ewc", "sal", "sal_probe", "sal_probe_loss",
+                  "sal_kronecker"):
       knob = {"l2_init": "strength", "ewc": "strength", "sal": "restore",
-              "sal_probe": "budget", "sal_probe_loss": "budget"}[name]
+              "sal_probe": "budget", "sal_probe_loss": "budget",
+              "sal_kronecker": "restore"}[name]
       set_hyperparam(optimizer, knob, value, index=0)
     if name == "ewc":
       baselines.ewc_consolidate(optimizer, self.params, self.fisher)
     if name in ("sal", "sal_probe", "sal_probe_loss"):
       sal.consolidate(optimizer, self.params, self.fisher)
+    if name == "sal_kronecker":
+      sal.consolidate(optimizer, self.params, self.kronecker_fisher)
     return optimizer
 
 
@@ -471,6 +482,9 @@ def sweep(cfg: Config, seeds: int, methods_wanted, base_lr=None) -> dict:
 
   params, fisher = fisher_of_old_data(pretrained, data)
   methods = Methods(base_lr, fisher, params)
+  if "sal_kronecker" in methods_wanted:
+    _, methods.kronecker_fisher = fisher_of_old_data(
+        pretrained, data, sal.fisher_kronecker)
   probe = make_probe(pretrained, data)
   continued = before_continued = None
   if "sal_continued" in methods_wanted:

@@ -30,6 +30,7 @@ from sal_jax._protect.estimators import StabilityEstimator
 from sal_jax._protect.estimators import reference_estimator
 from sal_jax._protect.fisher import combine_fishers
 from sal_jax._protect.fisher import fisher_diagonal
+from sal_jax._protect.fisher import fisher_kronecker
 from sal_jax._protect.gates import GATES
 from sal_jax._protect.gates import apply_factor
 from sal_jax._protect.gates import get_gate
@@ -63,6 +64,7 @@ __all__ = (
     "consolidation_estimator",
     "find_protect_states",
     "fisher_diagonal",
+    "fisher_kronecker",
     "get_estimator",
     "get_gate",
     "hard_gate",

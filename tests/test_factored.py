@@ -11,14 +11,10 @@ import pytest
 import sal_jax as sal
 from sal_jax._common import units
 
-# Two-layer regression: matrices and vectors, so both kinds of unit appear.
-SHAPES = {"w1": (6, 16), "b1": (16,), "w2": (16, 2), "b2": (2,)}
+from _shift_sequences import SHAPES  # pylint: disable=g-bad-import-order
+from _shift_sequences import params as _params
+from _shift_sequences import run as _run
 
-
-def _params(seed=0):
-  rng = np.random.default_rng(seed)
-  return {k: jnp.asarray(rng.normal(size=s) * 0.5, jnp.float32)
-          for k, s in SHAPES.items()}
 
 
 @hypothesis.settings(deadline=None, max_examples=40)
@@ -60,24 +56,6 @@ def test_units_keep_their_shapes():
   assert units.zeros(jnp.zeros(7), "factored").shape == (7,)  # vectors
   assert units.zeros(p, "leaf").shape == ()
   assert units.zeros(p, "element").shape == p.shape
-
-
-def _run(estimator, steps=40):
-  """The estimator over a sequence with two shifts; its state per step."""
-  rng = np.random.default_rng(1)
-  params = _params()
-  state = estimator.init(params)
-  update = jax.jit(estimator.update)
-  states = []
-  for t in range(steps):
-    scale = 1.0 if t < 15 else (4.0 if t < 18 else (1.0 if t < 30 else 6.0))
-    grads = {k: jnp.asarray(rng.normal(size=s) * scale
-                            * (1.0 + np.arange(s[-1])), jnp.float32)
-             for k, s in SHAPES.items()}
-    params = jax.tree.map(lambda p: p + 0.01, params)
-    _, state = update(grads, state, params)
-    states.append((state, params))
-  return states
 
 
 def test_factored_estimator_is_the_factored_element_estimator():

@@ -11,15 +11,18 @@ import pytest
 import sal_jax as sal
 from sal_jax._common import units
 
-# w1 keeps a Kronecker unit (6 inputs <= 16 outputs); w2 (16 inputs, 2
-# outputs) and the vectors stay per element.
-SHAPES = {"w1": (6, 16), "b1": (16,), "w2": (16, 2), "b2": (2,)}
+from _shift_sequences import SHAPES  # pylint: disable=g-bad-import-order
+from _shift_sequences import params as _params
+from _shift_sequences import run as _shift_run
 
 
-def _params(seed=0):
-  rng = np.random.default_rng(seed)
-  return {k: jnp.asarray(rng.normal(size=s) * 0.5, jnp.float32)
-          for k, s in SHAPES.items()}
+def _kron_run(estimator):
+  # Uneven steps, so that the displacement has more than one direction.
+  return _shift_run(estimator, move=lambda p: p + 0.01 * jnp.sin(p))
+
+
+# In SHAPES, w1 keeps a Kronecker unit (6 inputs <= 16 outputs); w2 (16
+# inputs, 2 outputs) and the vectors stay per element.
 
 
 def _split(u, n_in):
@@ -92,32 +95,14 @@ def test_an_element_importance_enters_with_its_row_and_column_sums():
   np.testing.assert_allclose(cov, np.diag(v.sum(1)), rtol=1e-6)
 
 
-def _run(estimator, steps=40):
-  """The estimator over a sequence with two shifts; its state per step."""
-  rng = np.random.default_rng(1)
-  params = _params()
-  state = estimator.init(params)
-  update = jax.jit(estimator.update)
-  states = []
-  for t in range(steps):
-    scale = 1.0 if t < 15 else (4.0 if t < 18 else (1.0 if t < 30 else 6.0))
-    grads = {k: jnp.asarray(rng.normal(size=s) * scale
-                            * (1.0 + np.arange(s[-1])), jnp.float32)
-             for k, s in SHAPES.items()}
-    params = jax.tree.map(lambda p: p + 0.01 * jnp.sin(p), params)
-    _, state = update(grads, state, params)
-    states.append((state, params))
-  return states
-
-
 def test_kronecker_estimator_sums_the_element_estimator():
   """The diagonal of L and the output energies c are the row and column
   sums of the per-element importances, step by step (every operation on
   the importance is linear), and the pull is L (theta - anchor) diag(c)
   over tr L, in gradient units."""
-  element = _run(sal.shift_consolidation_estimator(granularity="element"))
+  element = _kron_run(sal.shift_consolidation_estimator(granularity="element"))
   kron_est = sal.shift_consolidation_estimator(granularity="kronecker")
-  kron = _run(kron_est)
+  kron = _kron_run(kron_est)
   assert int(element[-1][0].consolidations) >= 2  # both shifts seen
   for (e, _), (k, params) in zip(element, kron):
     assert int(e.consolidations) == int(k.consolidations)
@@ -266,3 +251,63 @@ def test_it_keeps_a_task_whose_inputs_move_to_other_directions():
   assert kron_a > element_a + 0.05, results
   assert element_a > plain_a, results
   assert kron_b > plain_b - 0.03, results
+
+
+def _regression_loss(params, batch):
+  h = jnp.tanh(batch["x"] @ params["w1"] + params["b1"])
+  out = h @ params["w2"] + params["b2"]
+  return 0.5 * jnp.sum(jnp.square(out - batch["y"]), axis=-1)
+
+
+def _regression_batches():
+  rng = np.random.default_rng(5)
+  return [{"x": jnp.asarray(rng.normal(size=(n, 6)), jnp.float32),
+           "y": jnp.asarray(rng.normal(size=(n, 2)), jnp.float32)}
+          for n in (40, 9)]
+
+
+def test_fisher_kronecker_is_the_mean_of_per_example_products():
+  """Checked against per-example gradients taken one at a time."""
+  params, batches = _params(), _regression_batches()
+  fisher = sal.fisher_kronecker(_regression_loss, params, batches,
+                                chunk_size=16)
+  grads = [jax.grad(lambda p, e: _regression_loss(
+      p, jax.tree.map(lambda a: a[None], e))[0])(params, e)
+           for b in batches for e in (jax.tree.map(lambda a: a[i], b)
+                                      for i in range(len(b["y"])))]
+  w1 = np.stack([np.asarray(g["w1"], np.float64) for g in grads])
+  cov, col = _split(fisher["w1"], 6)
+  np.testing.assert_allclose(cov, np.einsum("nio,njo->ij", w1, w1)
+                             / len(grads), rtol=1e-4, atol=1e-7)
+  np.testing.assert_allclose(col, np.mean(np.sum(w1 * w1, 1), 0), rtol=1e-4)
+  # Elsewhere (narrowing kernel, vectors) it is the diagonal Fisher.
+  diagonal = sal.fisher_diagonal(_regression_loss, params, batches)
+  for name in ("b1", "w2", "b2"):
+    np.testing.assert_allclose(fisher[name], diagonal[name], rtol=1e-5)
+  # Its diagonal: the diagonal Fisher's row sums, c its column sums.
+  np.testing.assert_allclose(np.diag(cov), np.sum(diagonal["w1"], 1),
+                             rtol=1e-4)
+
+
+def test_consolidate_takes_the_kronecker_fisher_as_it_is():
+  params, batches = _params(), _regression_batches()
+  tx = optax.chain(sal.protect(granularity="kronecker"), optax.adam(1e-3))
+  fisher = sal.fisher_kronecker(_regression_loss, params, batches)
+  state = sal.consolidate(tx.init(params), params, fisher)
+  est = sal.find_protect_states(state)[0].estimator_state
+  # Normalised by the mean over the params' entries of the per-element
+  # Fisher it stands for (its trace for a kernel).
+  diagonal = sal.fisher_diagonal(_regression_loss, params, batches)
+  mean = (sum(float(jnp.sum(f)) for f in jax.tree.leaves(diagonal))
+          / optax.tree_utils.tree_size(params))
+  np.testing.assert_allclose(est.consolidated["w1"], fisher["w1"] / mean,
+                             rtol=1e-4)
+  np.testing.assert_allclose(est.consolidated["b1"], diagonal["b1"] / mean,
+                             rtol=1e-4)
+  # combine_fishers, told the params, normalises each source the same way.
+  combined = sal.combine_fishers([fisher, fisher], params=params)
+  np.testing.assert_allclose(combined["w1"], fisher["w1"] / mean, rtol=1e-4)
+  # A Kronecker Fisher does not fit a per-element state.
+  element = optax.chain(sal.protect(), optax.adam(1e-3))
+  with pytest.raises(ValueError, match="shape"):
+    sal.consolidate(element.init(params), params, fisher)

@@ -28,6 +28,12 @@ def _is_masked(x: Any) -> bool:
   return isinstance(x, optax.MaskedNode)
 
 
+def _unit_hint(anchor, consolidated) -> str:
+  if _units.is_kronecker_unit(consolidated, anchor):
+    return (f" (or, from sal.fisher_kronecker, {jnp.shape(consolidated)})")
+  return ""
+
+
 def _consolidate_state(state: _protect.ProtectState, params, fisher,
                        decay) -> _protect.ProtectState:
   est = state.estimator_state
@@ -52,27 +58,36 @@ def _consolidate_state(state: _protect.ProtectState, params, fisher,
   live = [i for i, a in enumerate(anchors) if not _is_masked(a)]
   for i in live:
     for name in ("params", "fisher"):
-      if jnp.shape(leaves[name][i]) != jnp.shape(anchors[i]):
+      shape = jnp.shape(leaves[name][i])
+      # A Fisher may come in the state's own unit (fisher_kronecker's).
+      if shape != jnp.shape(anchors[i]) and not (
+          name == "fisher" and _units.is_kronecker_unit(leaves[name][i],
+                                                        anchors[i])
+          and shape == jnp.shape(consolidated[i])):
         raise ValueError(
-            f"sal_jax.consolidate: {name} leaf {i} has shape "
-            f"{jnp.shape(leaves[name][i])} where the optimizer state has "
-            f"{jnp.shape(anchors[i])}.")
+            f"sal_jax.consolidate: {name} leaf {i} has shape {shape} where "
+            f"the optimizer state has {jnp.shape(anchors[i])}"
+            f"{_unit_hint(anchors[i], consolidated[i])}.")
   # The estimator's importance is relative: each step adds g^2 over the
   # mean of g^2 (its slow energy), so that a consolidation adds a tree of
   # unit mean. The Fisher enters normalised the same way, by its mean over
   # every entry this protect state covers.
   fishers = {i: jnp.asarray(leaves["fisher"][i], jnp.float32) for i in live}
-  entries = max(sum(f.size for f in fishers.values()), 1)
-  mean = sum(jnp.sum(f) for f in fishers.values()) / entries
+  entries = max(sum(jnp.size(anchors[i]) for i in live), 1)
+  mean = sum(_units.total(fishers[i], anchors[i]) for i in live) / entries
   safe_mean = jnp.where(mean > 0, mean, 1.0)
   new_anchors, new_consolidated = list(anchors), list(consolidated)
   for i in live:
     f = jnp.where(mean > 0, fishers[i] / safe_mean, 0.0)
-    # In the estimator's unit: per element, the leaf's mean (a scalar), or
-    # a matrix's row and column means (factored).
+    # In the estimator's unit: per element, the leaf's mean (a scalar), a
+    # matrix's row and column means (factored) or, for a per-element
+    # Fisher in a Kronecker unit, its row and column sums.
+    if jnp.shape(f) != jnp.shape(anchors[i]):
+      unit = f  # already in the state's (Kronecker) unit
+    else:
+      unit = _units.factor(f, consolidated[i])
     new_consolidated[i] = jax.tree.map(
-        lambda c, u: (decay * c + u).astype(c.dtype), consolidated[i],
-        _units.factor(f, consolidated[i]))
+        lambda c, u: (decay * c + u).astype(c.dtype), consolidated[i], unit)
     new_anchors[i] = jnp.array(leaves["params"][i], dtype=anchors[i].dtype)
   # The distance from the previous anchor: the relative drift's scale.
   travelled = _estimators.weighted_distance(
@@ -130,7 +145,9 @@ def consolidate(
       (updated in place).
     params: the params to anchor to, the tree the optimizer was built for.
     fisher: the importance of each entry, a non-negative tree like
-      ``params``.
+      ``params`` (:func:`sal_jax.fisher_diagonal`); for a
+      ``granularity="kronecker"`` state, :func:`sal_jax.fisher_kronecker`'s
+      tree, whose kernels keep their input-side second moment.
     decay: :math:`\kappa \in [0, 1]`, the share of the earlier
       consolidated importance kept; pass the ``consolidation_decay`` of a
       non-default estimator.
@@ -160,7 +177,12 @@ def consolidate(
   _validation.check_number("sal_jax.consolidate", "decay", decay, 0.0, 1.0)
   params = _nnx_interop.unwrap_variables(params)
   fisher = _nnx_interop.unwrap_variables(fisher)
-  _tree_utils.check_same_structure(fisher, params, "fisher", "params")
+  # A leaf of fisher_kronecker's (a Kronecker unit) differs from its
+  # param's shape; the state checks it. Any other difference is an error.
+  if jax.tree.structure(fisher) != jax.tree.structure(params) or not all(
+      jnp.shape(f) == jnp.shape(p) or _units.is_kronecker_unit(f, p)
+      for f, p in zip(jax.tree.leaves(fisher), jax.tree.leaves(params))):
+    _tree_utils.check_same_structure(fisher, params, "fisher", "params")
 
   def rewrite(opt_state):
     found = 0

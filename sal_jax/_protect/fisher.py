@@ -19,6 +19,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from sal_jax._common import units as _units
+
 
 def _leading_size(batch: Any, index: int) -> int:
   """The batch's example count; raises for a bad batch."""
@@ -65,9 +67,10 @@ class _ByIdentity:
     return isinstance(other, _ByIdentity) and other.fn is self.fn
 
 
-@functools.partial(jax.jit, static_argnums=(0, 1))
-def _add_square_sums(loss_fn, chunk_size, params, batch, total):
-  """``total`` plus the sum over the batch of squared per-example grads."""
+@functools.partial(jax.jit, static_argnums=(0, 1, 2))
+def _add_square_sums(loss_fn, chunk_size, unit, params, batch, total):
+  """``total`` plus the sum over the batch of the per-example grads'
+  squares, in ``unit`` (see :mod:`sal_jax._common.units`)."""
   loss_fn = loss_fn.fn
   size = jax.tree.leaves(batch)[0].shape[0]
   _check_losses(jax.eval_shape(loss_fn, params, batch).shape, size,
@@ -82,9 +85,13 @@ def _add_square_sums(loss_fn, chunk_size, params, batch, total):
 
   def add_chunk(total, chunk):
     grads = example_grads(params, chunk)
-    return jax.tree.map(
-        lambda t, g: t + jnp.sum(jnp.square(g.astype(jnp.float32)), axis=0),
-        total, grads), None
+    def add(t, g):
+      g = g.astype(jnp.float32)
+      if unit == "element":
+        return t + jnp.sum(jnp.square(g), axis=0)
+      return t + jnp.sum(jax.vmap(
+          lambda e: _units.energy(e, 1.0, unit))(g), axis=0)
+    return jax.tree.map(add, total, grads), None
 
   full, rest = divmod(size, chunk_size)
   if full:
@@ -159,6 +166,12 @@ def fisher_diagonal(
     Martens, "New Insights and Perspectives on the Natural Gradient Method",
     JMLR 2020 (the empirical vs the true Fisher).
   """
+  return _fisher(loss_fn, params, batches, chunk_size, "element")
+
+
+def _fisher(loss_fn, params, batches, chunk_size, unit):
+  """The mean over the examples of the squared per-example gradients, in
+  ``unit``."""
   if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or (
       chunk_size < 1):
     raise ValueError(
@@ -169,14 +182,13 @@ def fisher_diagonal(
     raise TypeError(
         "sal_jax.fisher_diagonal: batches must be an iterable of batches, "
         f"got a {type(batches).__name__}; pass a single batch as [batch].")
-  total = jax.tree.map(
-      lambda p: jnp.zeros(jnp.shape(p), jnp.float32), params)
+  total = jax.tree.map(lambda p: _units.zeros(p, unit), params)
   count = 0
   for index, batch in enumerate(batches):
     size = _leading_size(batch, index)
     if size:
-      total = _add_square_sums(_ByIdentity(loss_fn), chunk_size, params,
-                               batch, total)
+      total = _add_square_sums(_ByIdentity(loss_fn), chunk_size, unit,
+                               params, batch, total)
       count += size
   if not count:
     raise ValueError(
@@ -184,9 +196,73 @@ def fisher_diagonal(
   return jax.tree.map(lambda t: t / count, total)
 
 
+def fisher_kronecker(
+    loss_fn: Callable[[chex.ArrayTree, Any], jax.Array],
+    params: chex.ArrayTree,
+    batches: Iterable[Any],
+    *,
+    chunk_size: int = 32,
+) -> chex.ArrayTree:
+  r"""The Fisher of each kernel on its input side, for a Kronecker state.
+
+  For a kernel :math:`W` with ``n_in`` inputs (all axes but the last) and
+  ``n_out >= n_in`` outputs, with :math:`G_n` the gradient of example
+  :math:`n`'s loss reshaped to ``n_in x n_out``,
+
+  .. math::
+    L = rac{1}{N} \sum_n G_n G_n^	op, \qquad
+    c_j = rac{1}{N} \sum_n \sum_i (G_n)_{ij}^2,
+
+  flattened into one array (:math:`L` then :math:`c`), the unit that
+  ``protect(granularity="kronecker")`` keeps (see
+  :func:`sal_jax.shift_consolidation_estimator`); every other leaf gets
+  :func:`fisher_diagonal`'s per-element value. The diagonal of :math:`L`
+  holds the row sums of the diagonal Fisher and :math:`c` its column
+  sums; the off-diagonal entries say which input directions the examples
+  used. Pass it to :func:`sal_jax.consolidate` for a Kronecker state.
+  Computed like :func:`fisher_diagonal` (per-example gradients
+  ``chunk_size`` at a time), with ``n_in^2 n_out`` more multiply-adds per
+  example and kernel.
+
+  Args:
+    loss_fn: ``loss_fn(params, batch)`` returning the vector of per-example
+      losses of ``batch``.
+    params: the parameters.
+    batches: an iterable of batches sharing a leading example axis.
+    chunk_size: how many per-example gradients to hold at once.
+
+  Returns:
+    A float32 tree with the structure of ``params``: Kronecker units for
+    the kernels that keep one, per-element Fishers elsewhere.
+
+  Raises:
+    TypeError, ValueError: as :func:`fisher_diagonal`.
+
+  Examples:
+    >>> import jax.numpy as jnp, sal_jax as sal
+    >>> def loss_fn(params, batch):  # one linear map, squared error
+    ...   return 0.5 * jnp.sum(jnp.square(batch["x"] @ params["w"]
+    ...                                   - batch["y"]), axis=-1)
+    >>> batch = {"x": jnp.array([[1.0, 0.0], [1.0, 1.0]]),
+    ...          "y": jnp.ones((2, 2))}
+    >>> f = sal.fisher_kronecker(loss_fn, {"w": jnp.zeros((2, 2))}, [batch])
+    >>> f["w"]  # L = mean of |r|^2 x x^T (residuals r = -1), then c
+    Array([2. , 1. , 1. , 1. , 1.5, 1.5], dtype=float32)
+
+  References:
+    Martens & Grosse, "Optimizing Neural Networks with Kronecker-factored
+    Approximate Curvature", ICML 2015;
+    Ritter, Botev & Barber, "Online Structured Laplace Approximations for
+    Overcoming Catastrophic Forgetting", NeurIPS 2018.
+  """
+  return _fisher(loss_fn, params, batches, chunk_size, "kronecker")
+
+
 def combine_fishers(
     fishers: Sequence[chex.ArrayTree],
     weights: Sequence[float] | None = None,
+    *,
+    params: chex.ArrayTree | None = None,
 ) -> chex.ArrayTree:
   r"""Combines the Fishers of several things to keep, each on its own scale.
 
@@ -208,6 +284,8 @@ def combine_fishers(
       shapes (e.g. from :func:`fisher_diagonal`, one per source).
     weights: the sources' weights :math:`w_k > 0`, normalised to sum to 1;
       ``None`` (the default): equal.
+    params: the params the Fishers belong to; needed for Fishers from
+      :func:`fisher_kronecker`, whose means run over the params' entries.
 
   Returns:
     A float32 tree like each Fisher.
@@ -249,11 +327,20 @@ def combine_fishers(
         f"{where}: weights must be {len(fishers)} positive numbers, one "
         f"per Fisher; got {weights!r}.")
   total = sum(weights)
-  size = max(sum(int(np.prod(s)) for s in shapes), 1)
+  if params is None:
+    size = max(sum(int(np.prod(s)) for s in shapes), 1)
+    like = [None] * len(shapes)
+  else:
+    like = structure.flatten_up_to(params)
+    size = max(sum(int(np.size(p)) for p in like), 1)
+
+  def sum_of(x, p):
+    x = jnp.asarray(x, jnp.float32)
+    return jnp.sum(x) if p is None else _units.total(x, p)
 
   def normalised(fisher, weight):
-    mean = sum(jnp.sum(x, dtype=jnp.float32)
-               for x in jax.tree.leaves(fisher)) / size
+    mean = sum(sum_of(x, p) for x, p in zip(jax.tree.leaves(fisher),
+                                             like)) / size
     safe = jnp.where(mean > 0, mean, 1.0)
     scale = jnp.where(mean > 0, weight / total / safe, 0.0)
     return jax.tree.map(lambda x: jnp.asarray(x, jnp.float32) * scale, fisher)
