@@ -210,8 +210,8 @@ def fisher_kronecker(
   :math:`n`'s loss reshaped to ``n_in x n_out``,
 
   .. math::
-    L = rac{1}{N} \sum_n G_n G_n^	op, \qquad
-    c_j = rac{1}{N} \sum_n \sum_i (G_n)_{ij}^2,
+    L = \frac{1}{N} \sum_n G_n G_n^\top, \qquad
+    c_j = \frac{1}{N} \sum_n \sum_i (G_n)_{ij}^2,
 
   flattened into one array (:math:`L` then :math:`c`), the unit that
   ``protect(granularity="kronecker")`` keeps (see
