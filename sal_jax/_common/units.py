@@ -39,9 +39,9 @@ is kept per *unit* of a parameter leaf:
   so it never keeps more than the per-element unit.
 
 A factored unit is one flat float32 array per leaf, :math:`r` then
-:math:`c` (a Kronecker one: :math:`L` flattened, then :math:`c`), so that every importance tree has one array per parameter leaf,
-as optimizer states do (Flax NNX wraps each in a variable; checkpointers
-see arrays). Linear updates (decays, sums) apply to it entry by entry.
+:math:`c` (a Kronecker one: :math:`L` flattened, then :math:`c`), so that
+every importance tree has one array per parameter leaf, as optimizer
+states do (Flax NNX wraps each in a variable; checkpointers see arrays). Linear updates (decays, sums) apply to it entry by entry.
 """
 
 from __future__ import annotations
