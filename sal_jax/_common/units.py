@@ -141,8 +141,9 @@ def zeros(p: jax.Array, unit: str) -> jax.Array:
   """A zero importance for the leaf ``p``, as ``unit`` keeps it."""
   if unit == "leaf":
     return jnp.zeros((), jnp.float32)
-  if unit == "kronecker" and _kronecker_size(jnp.shape(p)) is not None:
-    return jnp.zeros((_kronecker_size(jnp.shape(p)),), jnp.float32)
+  size = _kronecker_size(jnp.shape(p)) if unit == "kronecker" else None
+  if size is not None:
+    return jnp.zeros((size,), jnp.float32)
   if is_factored(p, unit):
     row_shape, col_shape = _sizes(jnp.shape(p))
     return jnp.zeros((math.prod(row_shape) + math.prod(col_shape),),

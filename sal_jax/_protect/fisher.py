@@ -86,11 +86,8 @@ def _add_square_sums(loss_fn, chunk_size, unit, params, batch, total):
   def add_chunk(total, chunk):
     grads = example_grads(params, chunk)
     def add(t, g):
-      g = g.astype(jnp.float32)
-      if unit == "element":
-        return t + jnp.sum(jnp.square(g), axis=0)
-      return t + jnp.sum(jax.vmap(
-          lambda e: _units.energy(e, 1.0, unit))(g), axis=0)
+      energies = jax.vmap(lambda e: _units.energy(e, 1.0, unit))(g)
+      return t + jnp.sum(energies, axis=0)
     return jax.tree.map(add, total, grads), None
 
   full, rest = divmod(size, chunk_size)
