@@ -34,7 +34,8 @@ Fisher of each finished task (``baselines.ewc`` + ``ewc_consolidate`` with
 from :data:`EWC_STRENGTHS`).
 
   python benchmarks/defaults.py [--quick] [--seeds 3] [--restores 0.1,1,10]
-      [--ewc-strengths 1,10,100] [--kronecker-restore R] [--out DIR]
+      [--ewc-strengths 1,10,100] [--kronecker-restore R]
+      [--kronecker-rank K] [--out DIR]
 """
 
 from __future__ import annotations
@@ -165,17 +166,21 @@ def _batches(rng, tasks, which, steps):
 
 
 @functools.lru_cache(maxsize=None)
-def _method(optimizer, restore, kronecker_restore=None):
+def _method(optimizer, restore, kronecker_restore=None, kronecker_rank=None):
   """The transformation and its jitted trainer, built once per method:
   the optimizer alone (``restore`` ``"plain"``), behind ``sal.protect()``
   (``"default"``), its Kronecker form (``"kronecker"``) or behind
   ``sal.protect(restore=restore)``; ``kronecker_restore``: the Kronecker
-  form's strength (``None``: protect's default)."""
+  form's strength (``None``: protect's default), ``kronecker_rank`` its
+  ``kronecker_rank`` (``None``: the estimator's default, 0: full)."""
   tx = OPTIMIZERS[optimizer]()
   if restore == "default":
     tx = optax.chain(sal.protect(), tx)
   elif restore == "kronecker":
-    tx = optax.chain(sal.protect(granularity="kronecker",
+    estimator = "shift_consolidation" if kronecker_rank is None else (
+        sal.shift_consolidation_estimator(
+            granularity="kronecker", kronecker_rank=kronecker_rank or None))
+    tx = optax.chain(sal.protect(estimator=estimator, granularity="kronecker",
                                  restore=kronecker_restore), tx)
   elif restore != "plain":
     tx = optax.chain(sal.protect(restore=restore), tx)
@@ -193,7 +198,8 @@ def _example_losses(params, batch):
   return cl_engine.nll(params, x, y, masks)[0]
 
 
-def run(name, optimizer, method, seed, steps, tasks, kronecker_restore=None):
+def run(name, optimizer, method, seed, steps, tasks, kronecker_restore=None,
+        kronecker_rank=None):
   """Accuracy matrices ``R[i, j]`` on the val and test splits: task ``j``
   after training task ``i`` (joint: one row, after training on all).
 
@@ -205,7 +211,7 @@ def run(name, optimizer, method, seed, steps, tasks, kronecker_restore=None):
     tx, train = _ewc_method(optimizer, method[1])
   else:
     restore = {"joint": "plain", "protect": "default"}.get(method, method)
-    tx, train = _method(optimizer, restore, kronecker_restore)
+    tx, train = _method(optimizer, restore, kronecker_restore, kronecker_rank)
   sizes = (tasks[0]["train"][0].shape[1], *HIDDEN, 10)
   params = _init(jax.random.key(seed), sizes)
   state = tx.init(params)
@@ -393,6 +399,10 @@ def main(argv=None):
       "--kronecker-restore", type=float, default=None,
       help="strength of protect(granularity='kronecker') (default: "
       "protect's own)")
+  parser.add_argument(
+      "--kronecker-rank", type=int, default=None,
+      help="kronecker_rank of the Kronecker form (default: the estimator's; "
+      "0: full L everywhere)")
   parser.add_argument("--out", default="outputs/defaults")
   args = parser.parse_args(argv)
   names = args.protocols.split(",")
@@ -418,7 +428,7 @@ def main(argv=None):
   for name, optimizer, method, seed, steps, tasks in tqdm(jobs, desc="runs"):
     results.setdefault(f"{name}/{optimizer}", {}).setdefault(
         method, []).append(run(name, optimizer, method, seed, steps, tasks,
-                               args.kronecker_restore))
+                               args.kronecker_restore, args.kronecker_rank))
   summary = summarise(results, args.kronecker_restore)
   text = table(summary)
   print(text)
@@ -432,6 +442,7 @@ def main(argv=None):
             "restores": restores, "ewc_strengths": ewc_strengths,
             "quick": args.quick,
             "kronecker_restore": args.kronecker_restore,
+            "kronecker_rank": args.kronecker_rank,
             "seconds": time.time() - t0, "results": summary,
             "accuracy_matrices": {
                 k: {_name(m): {part: [r[part].tolist() for r in runs]

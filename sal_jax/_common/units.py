@@ -36,10 +36,16 @@ is kept per *unit* of a parameter leaf:
   :math:`\operatorname{tr} L = \sum_j c_j` that of the per-element
   importance. Other leaves (vectors, kernels with more inputs than
   outputs, whose input factor would outgrow them) keep it per element,
-  so it never keeps more than the per-element unit.
+  so it never keeps more than the per-element unit. A *low-rank*
+  Kronecker unit keeps :math:`L` as its top :math:`r` eigendirections and
+  the mean of the others, :math:`\hat L = B B^\top + \rho I` with
+  :math:`B` (``n_in x r``) and :math:`\rho = (\sum_j c_j - \lVert B
+  \rVert_F^2) / n_{in}`, the same trace; applying it costs
+  :math:`O(r \, n_{in} n_{out})` instead of :math:`O(n_{in}^2 n_{out})`.
 
 A factored unit is one flat float32 array per leaf, :math:`r` then
-:math:`c` (a Kronecker one: :math:`L` flattened, then :math:`c`), so that
+:math:`c` (a Kronecker one: :math:`L` flattened, then :math:`c`; a
+low-rank one: :math:`B` flattened, then :math:`c`), so that
 every importance tree has one array per parameter leaf, as optimizer
 states do (Flax NNX wraps each in a variable; checkpointers see arrays). Linear updates (decays, sums) apply to it entry by entry.
 """
@@ -107,19 +113,90 @@ def is_factored_unit(u: jax.Array, p: jax.Array) -> bool:
           and jnp.size(u) == _factored_size(jnp.shape(p)))
 
 
+def _kronecker_rank(u: jax.Array, p: jax.Array) -> int | None:
+  """The rank a Kronecker unit ``u`` of the leaf ``p`` keeps (``n_in`` for
+  a full one, whose head is :math:`L`; fewer for a low-rank one, whose head
+  is :math:`B`), or ``None`` if ``u`` is not a Kronecker unit of ``p``."""
+  shape = jnp.shape(p)
+  if _kronecker_size(shape) is None or jnp.ndim(u) != 1:
+    return None
+  n_in, n_out = _kronecker_dims(shape)
+  rank, rest = divmod(jnp.size(u) - n_out, n_in)
+  if rest or not 2 <= rank <= n_in or jnp.size(u) == _factored_size(shape):
+    return None
+  return rank
+
+
 def is_kronecker_unit(u: jax.Array, p: jax.Array) -> bool:
-  """Whether ``u`` is a Kronecker unit of the leaf ``p`` (flat, of size
-  ``n_in ** 2 + n_out``)."""
-  size = _kronecker_size(jnp.shape(p))
-  return size is not None and jnp.ndim(u) == 1 and jnp.size(u) == size
+  """Whether ``u`` is a Kronecker unit of the leaf ``p``, full (flat, of
+  size ``n_in ** 2 + n_out``) or low-rank (``n_in * r + n_out``)."""
+  return _kronecker_rank(u, p) is not None
+
+
+def is_low_rank_unit(u: jax.Array, p: jax.Array) -> bool:
+  """Whether ``u`` is a low-rank Kronecker unit of the leaf ``p``."""
+  rank = _kronecker_rank(u, p)
+  return rank is not None and rank < _kronecker_dims(jnp.shape(p))[0]
 
 
 def _kronecker_split(u: jax.Array, p: jax.Array):
-  """:math:`L` (``n_in x n_in``) and :math:`c` (``n_out``) of a Kronecker
-  unit of ``p``, in float32."""
+  """The head (:math:`L`, ``n_in x n_in``, or :math:`B`, ``n_in x r``) and
+  :math:`c` (``n_out``) of a Kronecker unit of ``p``, in float32."""
   n_in, _ = _kronecker_dims(jnp.shape(p))
+  rank = _kronecker_rank(u, p)
   u = u.astype(jnp.float32)
-  return u[:n_in * n_in].reshape(n_in, n_in), u[n_in * n_in:]
+  return u[:n_in * rank].reshape(n_in, rank), u[n_in * rank:]
+
+
+def _kronecker_operator(u: jax.Array, p: jax.Array):
+  """(:math:`X \\mapsto L X`, the diagonal of :math:`L`, :math:`c`) of a
+  Kronecker unit of ``p``."""
+  head, col = _kronecker_split(u, p)
+  n_in = head.shape[0]
+  if head.shape[1] == n_in:
+    return (lambda x: head @ x), jnp.diagonal(head), col
+  energy = jnp.sum(jnp.square(head), axis=1)
+  rho = jnp.maximum(jnp.sum(col) - jnp.sum(energy), 0.0) / n_in
+  return (lambda x: head @ (head.T @ x) + rho * x), energy + rho, col
+
+
+def low_rank(cov: jax.Array, col: jax.Array, rank: int) -> jax.Array:
+  """The low-rank Kronecker unit of rank ``rank`` of :math:`L` = ``cov``
+  and :math:`c` = ``col``: the top ``rank`` eigenpairs of :math:`L` (its
+  trace set to :math:`\\sum c`), the other eigenvalues replaced by their
+  mean :math:`\\rho`, :math:`B = V \\sqrt{\\lambda - \\rho}`."""
+  n_in = cov.shape[0]
+  total_energy = jnp.sum(col)
+  trace = jnp.trace(cov)
+  cov = cov * jnp.where(trace > _TINY, total_energy / jnp.where(
+      trace > _TINY, trace, 1.0), 0.0)
+  values, vectors = jnp.linalg.eigh((cov + cov.T) / 2)
+  top, vectors = values[n_in - rank:], vectors[:, n_in - rank:]
+  rho = jnp.maximum(total_energy - jnp.sum(top), 0.0) / (n_in - rank)
+  head = vectors * jnp.sqrt(jnp.maximum(top - rho, 0.0))
+  return jnp.concatenate([jnp.ravel(head), col])
+
+
+def _full(u: jax.Array, p: jax.Array) -> jax.Array:
+  """A Kronecker unit of ``p`` as a full one (:math:`\\hat L` dense)."""
+  if not is_low_rank_unit(u, p):
+    return u.astype(jnp.float32)
+  apply, _, col = _kronecker_operator(u, p)
+  n_in, _ = _kronecker_dims(jnp.shape(p))
+  return jnp.concatenate([jnp.ravel(apply(jnp.eye(n_in))), col])
+
+
+def accumulate(u: jax.Array, increment: jax.Array, decay: jax.Array,
+               p: jax.Array) -> jax.Array:
+  """``decay * u + increment`` in the unit of ``u``, in float32
+  (``increment`` in that unit, or a full Kronecker unit where ``u`` is a
+  low-rank one: the sum is truncated to the rank again)."""
+  if not is_low_rank_unit(u, p):
+    return decay * u.astype(jnp.float32) + increment
+  total_unit = decay * _full(u, p) + _full(increment, p)
+  n_in, _ = _kronecker_dims(jnp.shape(p))
+  return low_rank(total_unit[:n_in * n_in].reshape(n_in, n_in),
+                  total_unit[n_in * n_in:], _kronecker_rank(u, p))
 
 
 def _factors(v: jax.Array) -> jax.Array:
@@ -137,12 +214,16 @@ def split(u: jax.Array, p: jax.Array) -> tuple[jax.Array, jax.Array]:
   return u[:n].reshape(row_shape), u[n:].reshape(col_shape)
 
 
-def zeros(p: jax.Array, unit: str) -> jax.Array:
-  """A zero importance for the leaf ``p``, as ``unit`` keeps it."""
+def zeros(p: jax.Array, unit: str, rank: int | None = None) -> jax.Array:
+  """A zero importance for the leaf ``p``, as ``unit`` keeps it (a
+  Kronecker unit of a kernel of more than ``rank`` inputs: low-rank)."""
   if unit == "leaf":
     return jnp.zeros((), jnp.float32)
   size = _kronecker_size(jnp.shape(p)) if unit == "kronecker" else None
   if size is not None:
+    n_in, n_out = _kronecker_dims(jnp.shape(p))
+    if rank is not None and rank < n_in:
+      size = n_in * rank + n_out
     return jnp.zeros((size,), jnp.float32)
   if is_factored(p, unit):
     row_shape, col_shape = _sizes(jnp.shape(p))
@@ -151,15 +232,29 @@ def zeros(p: jax.Array, unit: str) -> jax.Array:
   return jnp.zeros_like(p, dtype=jnp.float32)  # keeps p's sharding
 
 
-def energy(g: jax.Array, scale: jax.Array, unit: str) -> jax.Array:
-  """``scale * g^2`` as ``unit`` keeps it (per entry, leaf mean, factors)."""
+def energy(g: jax.Array, scale: jax.Array, unit: str,
+           sketch: tuple[jax.Array, int] | None = None) -> jax.Array:
+  """``scale * g^2`` as ``unit`` keeps it (per entry, leaf mean, factors).
+
+  With ``sketch = (key, k)``, a kernel of more than ``k`` inputs gets an
+  unbiased estimate of :math:`G G^\\top`, :math:`(G S)(G S)^\\top` with
+  :math:`S` (``n_out x k``) of i.i.d. :math:`N(0, 1/k)` entries drawn from
+  ``key``: :math:`O(k \\, n_{in} (n_{in} + n_{out}))` instead of
+  :math:`O(n_{in}^2 n_{out})`.
+  """
   g = _tree_utils.to_real(g)
   if unit == "leaf":
     return jnp.mean(jnp.square(g)) * scale
   if unit == "kronecker" and _kronecker_size(jnp.shape(g)) is not None:
     n_in, n_out = _kronecker_dims(jnp.shape(g))
     m = g.reshape(n_in, n_out)
-    return jnp.concatenate([jnp.ravel((m * scale) @ m.T),
+    if sketch is not None and sketch[1] < n_in:
+      key, k = sketch
+      y = m @ jax.random.normal(key, (n_out, k), m.dtype)
+      cov = (y * (scale / k)) @ y.T
+    else:
+      cov = (m * scale) @ m.T
+    return jnp.concatenate([jnp.ravel(cov),
                             jnp.sum(m * (m * scale), axis=0)])
   if is_factored(g, unit):
     # g^2 spelled apart from the energy sums' square (and the scale in one
@@ -182,7 +277,8 @@ def factor(v: jax.Array, like: jax.Array) -> jax.Array:
     return _factors(v)
   if is_kronecker_unit(like, v):
     # L = diag of the row sums: the diagonal it stands for is the rank-one
-    # (factored) reconstruction of v, with v's sums.
+    # (factored) reconstruction of v, with v's sums. A full unit: for a
+    # low-rank `like`, `accumulate` truncates the sum it enters.
     n_in, n_out = _kronecker_dims(jnp.shape(v))
     m = v.reshape(n_in, n_out)
     return jnp.concatenate([jnp.ravel(jnp.diag(jnp.sum(m, axis=1))),
@@ -196,9 +292,9 @@ def dense(u: jax.Array, p: jax.Array) -> jax.Array:
   """The importance a unit of ``p`` stands for, broadcastable to ``p`` (of
   a Kronecker unit: its diagonal)."""
   if is_kronecker_unit(u, p):
-    cov, col = _kronecker_split(u, p)
+    _, diagonal, col = _kronecker_operator(u, p)
     trace = jnp.maximum(jnp.sum(col), _TINY)
-    return (jnp.diagonal(cov)[:, None] * (col / trace)).reshape(jnp.shape(p))
+    return (diagonal[:, None] * (col / trace)).reshape(jnp.shape(p))
   if is_factored_unit(u, p):
     a, b = _axes(jnp.shape(p))
     # In float32 whatever the stored dtype: the product is the weight.
@@ -214,10 +310,10 @@ def weigh(u: jax.Array, p: jax.Array, d: jax.Array) -> jax.Array:
   like ``p``): ``w * d`` entry by entry, ``L D diag(c) / tr L`` for a
   Kronecker unit."""
   if is_kronecker_unit(u, p):
-    cov, col = _kronecker_split(u, p)
+    apply, _, col = _kronecker_operator(u, p)
     trace = jnp.maximum(jnp.sum(col), _TINY)
     n_in, n_out = _kronecker_dims(jnp.shape(p))
-    return ((cov @ d.reshape(n_in, n_out)) * (col / trace)).reshape(
+    return (apply(d.reshape(n_in, n_out)) * (col / trace)).reshape(
         jnp.shape(d))
   return dense(u, p) * d
 

@@ -30,7 +30,8 @@ def _is_masked(x: Any) -> bool:
 
 def _unit_hint(anchor, consolidated) -> str:
   if _units.is_kronecker_unit(consolidated, anchor):
-    return (f" (or, from sal.fisher_kronecker, {jnp.shape(consolidated)})")
+    full = jnp.shape(_units.zeros(anchor, "kronecker"))
+    return f" (or, from sal.fisher_kronecker, {full})"
   return ""
 
 
@@ -59,11 +60,12 @@ def _consolidate_state(state: _protect.ProtectState, params, fisher,
   for i in live:
     for name in ("params", "fisher"):
       shape = jnp.shape(leaves[name][i])
-      # A Fisher may come in the state's own unit (fisher_kronecker's).
+      # A Fisher may come as a Kronecker unit (fisher_kronecker's) where
+      # the state keeps one (full or low-rank).
       if shape != jnp.shape(anchors[i]) and not (
           name == "fisher" and _units.is_kronecker_unit(leaves[name][i],
                                                         anchors[i])
-          and shape == jnp.shape(consolidated[i])):
+          and _units.is_kronecker_unit(consolidated[i], anchors[i])):
         raise ValueError(
             f"sal_jax.consolidate: {name} leaf {i} has shape {shape} where "
             f"the optimizer state has {jnp.shape(anchors[i])}"
@@ -83,11 +85,11 @@ def _consolidate_state(state: _protect.ProtectState, params, fisher,
     # matrix's row and column means (factored) or, for a per-element
     # Fisher in a Kronecker unit, its row and column sums.
     if jnp.shape(f) != jnp.shape(anchors[i]):
-      unit = f  # already in the state's (Kronecker) unit
+      unit = f  # already a (full) Kronecker unit
     else:
       unit = _units.factor(f, consolidated[i])
-    new_consolidated[i] = jax.tree.map(
-        lambda c, u: (decay * c + u).astype(c.dtype), consolidated[i], unit)
+    new_consolidated[i] = _units.accumulate(
+        consolidated[i], unit, decay, anchors[i]).astype(consolidated[i].dtype)
     new_anchors[i] = jnp.array(leaves["params"][i], dtype=anchors[i].dtype)
   # The distance from the previous anchor: the relative drift's scale.
   travelled = _estimators.weighted_distance(

@@ -1,16 +1,11 @@
 """The shift-consolidation estimator: consolidate what settled when a shift hits.
 
-Training on a stationary stream lets the gradient energy settle; when the
-data (or the task) shifts, the energy of the minibatch gradients jumps above
-its slow average. At that moment the parameters still hold what the previous
-regime built. This estimator watches the ratio of a fast to a slow average
-of the gradient energy and, at the onset of every such surprise, consolidates:
-the importance the parameters gathered so far is added to a consolidated
-importance, and the current parameters become the anchor. With
-``protect(restore=...)`` the consolidated parameters are pulled back toward
-that anchor, in proportion to their consolidated importance. It is a
-task-free form of online EWC: no task boundaries are given, they are
-detected from the gradients.
+When the data (or the task) shifts, the minibatch gradient energy jumps
+above its slow average while the parameters still hold what the previous
+regime built. At the onset of each such surprise the importance gathered so
+far is consolidated and the params become the anchor, which
+``protect(restore=...)`` pulls back toward: online EWC with the task
+boundaries detected from the gradients rather than given.
 """
 
 from __future__ import annotations
@@ -38,11 +33,10 @@ DEFAULT_CONSOLIDATION_DECAY = 0.9
 class ShiftConsolidationState(NamedTuple):
   """State of :func:`shift_consolidation_estimator`.
 
-  The dtypes do not depend on ``jax_enable_x64``. The anchor is an exact
-  copy of the params in their dtype. The importances are weights (real
-  even for complex params), stored in ``importance_dtype`` (float32 by
-  default; bfloat16 rounding moves the pull's strength by < 0.4 %).
-  The other statistics are float32.
+  The anchor is an exact copy of the params in their dtype; the
+  importances (real even for complex params) are in ``importance_dtype``
+  (bfloat16 rounding moves the pull's strength by < 0.4 %); the rest is
+  float32 / int32 / bool whatever ``jax_enable_x64``.
 
   Attributes:
     count: steps taken, int32.
@@ -50,13 +44,12 @@ class ShiftConsolidationState(NamedTuple):
       entry, float32.
     slow_energy: slow EMA (not bias-corrected) of the same, float32.
     log_energy: slow EMAs (not bias-corrected) of the log of the mean
-      squared gradient entry and of its square, float32 ``[2]``; their
-      spread is the step-to-step noise of the energy.
+      squared gradient entry and of its square, ``[2]``: its noise.
     shifted: whether the last step was inside a detected shift, bool.
     consolidations: number of shifts detected so far, int32.
     importance: EMA (not bias-corrected) of each unit's relative gradient
-      energy since the start; per element, factored, or per leaf.
-    consolidated: the consolidated importance, in units of the granularity.
+      energy; per element, factored, Kronecker, or per leaf.
+    consolidated: the consolidated importance, in the granularity's unit.
     anchor: the params at the last consolidation, in the params' dtype.
     reference: :math:`R`, the importance-weighted squared distance the
       params travelled between consolidations (decayed like the
@@ -90,6 +83,7 @@ def shift_consolidation_estimator(
     noise_multiplier: float = 0.0,
     running_unit: str | None = None,
     importance_dtype: jnp.dtype = jnp.float32,
+    kronecker_rank: int | None = 32,
 ) -> _estimators.StabilityEstimator:
   r"""Stability as importance consolidated at detected distribution shifts.
 
@@ -145,28 +139,29 @@ def shift_consolidation_estimator(
   :math:`\propto \Omega^*`, :math:`\hat D` would be the share of its
   decrease since the previous anchor that has been given back.
 
-  Units (see :mod:`sal_jax._common.units`): ``granularity="element"``
-  keeps both importances per element; ``"factored"`` keeps those of every
-  matrix as row and column means (as Adafactor keeps its second moment;
-  the pull weighs entry :math:`ij` by :math:`r_i c_j / \operatorname{mean}
-  (r)`); ``"kronecker"`` keeps, for every kernel with no more inputs than
-  outputs, the second moment of the gradient over its inputs
-  :math:`L = G G^\top` and its energy per output :math:`c`, and pulls by
-  :math:`L (\theta - \theta^*) \operatorname{diag}(c) / \operatorname{tr}
-  L`: it protects the input directions a task used, not only entries
-  (``n_in^2 n_out`` more multiply-adds per kernel and step); ``"leaf"``
-  keeps one scalar of each per leaf. ``running_unit="factored"`` at
-  element granularity factors only :math:`\Omega` (each consolidation adds
-  its rank-one reconstruction to a per-element :math:`\Omega^*`). Every
-  operation on the importance is linear, so the factored and Kronecker
-  importances are exact row and column means (sums) of the per-element one.
+  Units (see :mod:`sal_jax._common.units`): ``"element"``; ``"factored"``,
+  row and column means per matrix (as Adafactor's second moment; the pull
+  weighs entry :math:`ij` by :math:`r_i c_j / \operatorname{mean}(r)`);
+  ``"kronecker"``, per kernel with no more inputs than outputs, the second
+  moment of the gradient over its inputs :math:`L = G G^\top` and its
+  energy per output :math:`c`, pulling by :math:`L (\theta - \theta^*)
+  \operatorname{diag}(c) / \operatorname{tr} L` (it protects the input
+  directions a task used, not only entries); ``"leaf"``, one scalar per
+  leaf. A kernel of more than :math:`r` = ``kronecker_rank`` inputs
+  sketches :math:`G G^\top` as :math:`(G S)(G S)^\top` (:math:`S`
+  random, :math:`r` columns) and consolidates the top :math:`r` directions
+  of :math:`L` (the others as their mean): about :math:`3 r \, n_{in}
+  n_{out}` multiply-adds per kernel and step, not :math:`n_{in}^2
+  n_{out}`. ``running_unit="factored"`` at element granularity factors
+  only :math:`\Omega` (each consolidation adds its rank-one
+  reconstruction to a per-element :math:`\Omega^*`).
 
   Memory beyond the optimizer, in copies of float32 params: the anchor
   (exact, in the params' dtype) and :math:`\Omega, \Omega^*` in
   ``importance_dtype``: 3x in float32 (the default), 2x in bfloat16;
   ``running_unit="factored"`` 2x (1.5x), ``"factored"``, ``"leaf"`` 1x,
-  ``"kronecker"`` at most 3x (what each costs in protection: README,
-  "Estimators"). Sharded matrices' means are reduced across devices.
+  ``"kronecker"`` at most 3x, about 2x for square kernels (what each
+  costs in protection: README, "Estimators").
 
   Args:
     granularity: the unit of the importances: ``"element"`` (the
@@ -189,10 +184,12 @@ def shift_consolidation_estimator(
       ``shift_ratio`` alone. Raising it removes detections inside noisy
       tasks, and with them those of short, small-data tasks.
     running_unit: the unit of the running importance :math:`\Omega`;
-      ``None`` (the default): the granularity's, or ``"factored"`` at
-      element granularity.
+      ``None`` (the default): the granularity's.
     importance_dtype: the floating dtype that stores :math:`\Omega` and
       :math:`\Omega^*` (computed in float32); ``jnp.bfloat16`` halves them.
+    kronecker_rank: :math:`r \ge 2`, at ``"kronecker"`` granularity the
+      rank kept for kernels of more inputs; ``None``: full :math:`L`
+      everywhere.
 
   Returns:
     A :class:`~sal_jax.StabilityEstimator` with a ``restoring_force`` and
@@ -203,8 +200,7 @@ def shift_consolidation_estimator(
     ValueError: for hyperparameters outside their ranges.
 
   Examples:
-    >>> import jax.numpy as jnp
-    >>> import sal_jax as sal
+    >>> import jax.numpy as jnp, sal_jax as sal
     >>> est = sal.shift_consolidation_estimator(granularity="element")
     >>> params = {"w": jnp.zeros(2)}
     >>> state = est.init(params)
@@ -253,6 +249,7 @@ def shift_consolidation_estimator(
     raise ValueError(
         f"{_WHERE}: release_ratio must be in (0, shift_ratio], got "
         f"{release_ratio!r}.")
+  check("kronecker_rank", kronecker_rank, 2, integer=True, optional=True)
   if not jnp.issubdtype(importance_dtype, jnp.floating):
     raise TypeError(f"{_WHERE}: importance_dtype must be a floating dtype, "
                     f"got {importance_dtype!r}.")
@@ -269,10 +266,10 @@ def shift_consolidation_estimator(
         log_energy=jnp.zeros((2,), jnp.float32),
         shifted=jnp.zeros((), jnp.bool_),
         consolidations=jnp.zeros((), jnp.int32),
-        importance=jax.tree.map(
-            lambda p: stored(_units.zeros(p, running_unit)), params),
-        consolidated=jax.tree.map(
-            lambda p: stored(_units.zeros(p, granularity)), params),
+        importance=jax.tree.map(lambda p: stored(
+            _units.zeros(p, running_unit)), params),
+        consolidated=jax.tree.map(lambda p: stored(
+            _units.zeros(p, granularity, kronecker_rank)), params),
         # A copy (exact: the params' own dtype), so that donating the
         # params cannot alias the state.
         anchor=jax.tree.map(lambda p: jnp.array(p, copy=True), params),
@@ -289,8 +286,7 @@ def shift_consolidation_estimator(
     # without a conditional around it; the estimator is `guarded`).
     finite = jnp.ones((), jnp.bool_) if finite is None else finite
 
-    def keep_if_not_finite(new, old):
-      return jnp.where(finite, new, old)
+    keep_if_not_finite = functools.partial(jnp.where, finite)
 
     count = state.count + finite.astype(jnp.int32)
     # Each leaf's sum of squares, read once for the energy and (per leaf)
@@ -322,11 +318,13 @@ def shift_consolidation_estimator(
     correction = 1.0 - _tree_utils.decay_power(importance_decay,
                                                jnp.maximum(state.count, 1))
     increment_scale = (1 - importance_decay) / (energy_hat + _TINY)
+    sketch = None if kronecker_rank is None else (
+        jax.random.fold_in(jax.random.key(0), state.count), kronecker_rank)
 
     def increment(g, q):
       if running_unit == "leaf":  # the leaf's sum of squares, read once
         return q / max(g.size, 1) * increment_scale
-      return _units.energy(g, increment_scale, running_unit)
+      return _units.energy(g, increment_scale, running_unit, sketch)
 
     increments = jax.tree.map(increment, updates, square_sums)
     importance = jax.tree.map(
@@ -341,14 +339,16 @@ def shift_consolidation_estimator(
         # update it in place), the increment recomputed from the gradient
         # (sharing it with the update outside would make XLA write it to a
         # full-size temporary every step).
-        # (clipped at 0: where it is ~0, the difference rounds either way).
-        o = jnp.maximum((o.astype(jnp.float32) - increment(g, q))
-                        / importance_decay, 0.0)
+        # (clipped at 0 where it is a weight, not a second moment's
+        # off-diagonal: where it is ~0, the difference rounds either way).
+        o = (o.astype(jnp.float32) - increment(g, q)) / importance_decay
+        if not _units.is_kronecker_unit(o, p):
+          o = jnp.maximum(o, 0.0)
         if _units.is_factored_unit(o, p) and not _units.is_factored_unit(
             c, p):
           o = _units.dense(o, p) * jnp.ones(jnp.shape(p), jnp.float32)
-        return stored(consolidation_decay * c.astype(jnp.float32)
-                      + o / correction)
+        return stored(_units.accumulate(c, o / correction,
+                                        consolidation_decay, p))
       consolidated = jax.tree.map(leaf, params, consolidated, importance,
                                   updates, square_sums)
       travelled = _estimators.weighted_distance(consolidated, params,
@@ -391,9 +391,9 @@ def shift_consolidation_estimator(
   def drift_estimate(state, params):
     distance = _estimators.weighted_distance(state.consolidated, params,
                                              state.anchor)
-    return jnp.where(state.reference > 0,
-                     distance / jnp.where(state.reference > 0,
-                                          state.reference, 1.0), 0.0)
+    moved = state.reference > 0
+    return jnp.where(moved, distance / jnp.where(moved, state.reference, 1.0),
+                     0.0)
 
   return _estimators.StabilityEstimator(init_fn, update_fn, restoring_force,
                                         granularity, drift_estimate,
