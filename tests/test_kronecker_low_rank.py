@@ -76,8 +76,8 @@ def test_accumulate_truncates_the_decayed_sum():
 
 
 def test_the_sketch_is_unbiased():
-  """The mean of (G S)(G S)^T over many sketches S is G G^T (within 5x its
-  Monte-Carlo standard error), and c is exact for every sketch."""
+  """The mean of the sketched G G^T over many draws is G G^T (within 5x
+  its Monte-Carlo standard error), and c is exact for every draw."""
   rng = np.random.default_rng(2)
   g = jnp.asarray(rng.normal(size=(8, 24)), jnp.float32)
   keys = jax.random.split(jax.random.key(3), 2000)
@@ -90,9 +90,9 @@ def test_the_sketch_is_unbiased():
   np.testing.assert_allclose(sketched[:, 64:],
                              np.broadcast_to(exact[64:], (2000, 24)),
                              rtol=1e-5)
-  # Not a copy of the exact one: the sketch has rank 3.
-  assert np.linalg.matrix_rank(np.asarray(sketched[0, :64]).reshape(8, 8),
-                               tol=1e-4) == 3
+  # Not a copy of the exact one: each sketch has rank 3 at most.
+  assert max(np.linalg.matrix_rank(np.asarray(u[:64]).reshape(8, 8),
+                                   tol=1e-4) for u in sketched[:20]) == 3
 
 
 def _shift_run(estimator, shapes, scales=(1.0, 3.0, 1.0, 3.0)):

@@ -237,10 +237,15 @@ def energy(g: jax.Array, scale: jax.Array, unit: str,
   """``scale * g^2`` as ``unit`` keeps it (per entry, leaf mean, factors).
 
   With ``sketch = (key, k)``, a kernel of more than ``k`` inputs gets an
-  unbiased estimate of :math:`G G^\\top`, :math:`(G S)(G S)^\\top` with
-  :math:`S` (``n_out x k``) of i.i.d. :math:`N(0, 1/k)` entries drawn from
-  ``key``: :math:`O(k \\, n_{in} (n_{in} + n_{out}))` instead of
-  :math:`O(n_{in}^2 n_{out})`.
+  unbiased estimate of :math:`G G^\\top` from ``k`` of its columns drawn
+  (from ``key``, with replacement) with probabilities :math:`p_j \\propto
+  c_j`, their energies: :math:`\\sum_{s} g_{j_s} g_{j_s}^\\top / (k
+  p_{j_s})` (length-squared sampling), :math:`O(k \\, n_{in}^2)` instead
+  of :math:`O(n_{in}^2 n_{out})`.
+
+  References:
+    Drineas, Kannan & Mahoney, "Fast Monte Carlo algorithms for matrices
+    I: approximating matrix multiplication", SIAM J. Comput. 2006.
   """
   g = _tree_utils.to_real(g)
   if unit == "leaf":
@@ -248,14 +253,21 @@ def energy(g: jax.Array, scale: jax.Array, unit: str,
   if unit == "kronecker" and _kronecker_size(jnp.shape(g)) is not None:
     n_in, n_out = _kronecker_dims(jnp.shape(g))
     m = g.reshape(n_in, n_out)
+    col = jnp.sum(m * m, axis=0)
     if sketch is not None and sketch[1] < n_in:
       key, k = sketch
-      y = m @ jax.random.normal(key, (n_out, k), m.dtype)
-      cov = (y * (scale / k)) @ y.T
+      cumulative = jnp.cumsum(col)
+      picks = jnp.searchsorted(
+          cumulative, jax.random.uniform(key, (k,)) * cumulative[-1])
+      picks = jnp.minimum(picks, n_out - 1)
+      # A zero column is never drawn (unless every column is zero).
+      weights = jax.lax.rsqrt(k * jnp.maximum(col[picks], _TINY)) * jnp.sqrt(
+          cumulative[-1])
+      y = m[:, picks] * weights
+      cov = (y * scale) @ y.T
     else:
       cov = (m * scale) @ m.T
-    return jnp.concatenate([jnp.ravel(cov),
-                            jnp.sum(m * (m * scale), axis=0)])
+    return jnp.concatenate([jnp.ravel(cov), col * scale])
   if is_factored(g, unit):
     # g^2 spelled apart from the energy sums' square (and the scale in one
     # reduction only): XLA CPU writes a square or a broadcast that several
