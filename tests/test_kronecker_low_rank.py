@@ -21,21 +21,29 @@ def _truncated(cov, rank):
 
 
 def _operator_check(u, p, cov, col):
-  """``u`` weighs like ``cov (x) diag(col) / sum(col)``, and its diagonal
-  and total are that operator's."""
+  """``u`` weighs like ``cov (x) diag(col) / sum(col)`` (on the kernel as
+  an ``a x b`` matrix, ``a`` its smaller side), and its diagonal and total
+  are that operator's."""
+  flip = p.shape[0] > p.shape[1]
   d = np.cos(np.arange(p.size) * 0.7).reshape(p.shape)
+  m = d.T if flip else d
+  expected, diagonal = cov @ m * col / col.sum(), np.diag(cov)[:, None] * (
+      col / col.sum())
+  if flip:
+    expected, diagonal = expected.T, diagonal.T
   np.testing.assert_allclose(units.weigh(u, p, jnp.asarray(d, jnp.float32)),
-                             cov @ d * col / col.sum(), rtol=1e-3, atol=1e-4)
-  np.testing.assert_allclose(units.dense(u, p),
-                             np.diag(cov)[:, None] * col / col.sum(),
-                             rtol=1e-3, atol=1e-6)
+                             expected, rtol=1e-3, atol=1e-4)
+  np.testing.assert_allclose(units.dense(u, p), diagonal, rtol=1e-3,
+                             atol=1e-6)
   np.testing.assert_allclose(units.total(u, p), col.sum(), rtol=1e-5)
 
 
-def test_low_rank_keeps_the_top_directions_and_the_mean_of_the_rest():
+@pytest.mark.parametrize("flip", [False, True])
+def test_low_rank_keeps_the_top_directions_and_the_mean_of_the_rest(flip):
   rng = np.random.default_rng(0)
   n_in, n_out, rank = 12, 20, 4
-  p = np.zeros((n_in, n_out), np.float32)
+  # More inputs than outputs: the unit describes the kernel's transpose.
+  p = np.zeros((n_out, n_in) if flip else (n_in, n_out), np.float32)
   a = rng.normal(size=(n_in, 30))
   cov, col = a @ a.T, np.abs(rng.normal(size=n_out))
   col *= np.trace(cov) / col.sum()

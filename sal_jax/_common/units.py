@@ -20,34 +20,36 @@ is kept per *unit* of a parameter leaf:
   exact when :math:`v` has rank one over :math:`(a, b)`, and in general
   with the same sums over :math:`a` and over :math:`b` as :math:`v`;
 * ``"kronecker"``: for a kernel :math:`W` of ``n_in`` inputs (all axes but
-  the last) and ``n_out`` outputs (the last axis), with
-  ``2 <= n_in <= n_out``, a Kronecker-factored importance
-  :math:`L \otimes \operatorname{diag}(c)`: :math:`L` (``n_in x n_in``)
-  the second moment of the gradient over the input axis,
-  :math:`G G^\top`, and :math:`c` its energy per output,
-  :math:`\sum_i G_{ij}^2`. Applied to a displacement :math:`D` it weighs
+  the last) and ``n_out`` outputs (the last axis), seen as an
+  :math:`a \times b` matrix :math:`G` with :math:`a` the smaller side
+  (the inputs where ``n_in <= n_out``, else the outputs; :math:`a \ge 2`),
+  a Kronecker-factored importance :math:`L \otimes \operatorname{diag}(c)`:
+  :math:`L` (``a x a``) the second moment of the gradient over that side,
+  :math:`G G^\top`, and :math:`c` its energy along the other,
+  :math:`\sum_i G_{ij}^2`. Applied to a displacement :math:`D` (as
+  :math:`G`) it weighs
 
   .. math::
     D \mapsto L D \operatorname{diag}(c) / \operatorname{tr} L,
 
-  so it protects *directions* of the input space a task used, not only
-  entries; its diagonal is the factored reconstruction
-  :math:`L_{ii} c_j / \operatorname{tr} L` and its sum
-  :math:`\operatorname{tr} L = \sum_j c_j` that of the per-element
-  importance. Other leaves (vectors, kernels with more inputs than
-  outputs, whose input factor would outgrow them) keep it per element,
-  so it never keeps more than the per-element unit. A *low-rank*
-  Kronecker unit keeps :math:`L` as its top :math:`r` eigendirections and
-  the mean of the others, :math:`\hat L = B B^\top + \rho I` with
-  :math:`B` (``n_in x r``) and :math:`\rho = (\sum_j c_j - \lVert B
-  \rVert_F^2) / n_{in}`, the same trace; applying it costs
-  :math:`O(r \, n_{in} n_{out})` instead of :math:`O(n_{in}^2 n_{out})`.
+  so it protects *directions* a task used, not only entries; its diagonal
+  is the factored reconstruction :math:`L_{ii} c_j / \operatorname{tr} L`
+  and its sum :math:`\operatorname{tr} L = \sum_j c_j` that of the
+  per-element importance. Vectors keep it per element. A unit has
+  :math:`a^2 + b` entries (about the kernel's size where it is square,
+  fewer the more oblong it is). A *low-rank* one keeps :math:`L` as its top :math:`r`
+  eigendirections and the mean of the others, :math:`\hat L = B B^\top +
+  \rho I` with :math:`B` (``a x r``) and :math:`\rho = (\sum_j c_j -
+  \lVert B \rVert_F^2) / a`, the same trace: :math:`a r + b` entries, and
+  applying it costs :math:`O(r a b)` instead of :math:`O(a^2 b)`.
 
 A factored unit is one flat float32 array per leaf, :math:`r` then
 :math:`c` (a Kronecker one: :math:`L` flattened, then :math:`c`; a
 low-rank one: :math:`B` flattened, then :math:`c`), so that
 every importance tree has one array per parameter leaf, as optimizer
-states do (Flax NNX wraps each in a variable; checkpointers see arrays). Linear updates (decays, sums) apply to it entry by entry.
+states do (Flax NNX wraps each in a variable; checkpointers see arrays).
+Linear updates (decays, sums) apply to it entry by entry, except to a
+low-rank one (:func:`accumulate` truncates the sum).
 """
 
 from __future__ import annotations
@@ -87,8 +89,22 @@ def _factored_size(shape: tuple[int, ...]) -> int:
 
 
 def _kronecker_dims(shape: tuple[int, ...]) -> tuple[int, int]:
-  """(inputs, outputs) of a kernel: all axes but the last, and the last."""
-  return math.prod(shape[:-1]), shape[-1]
+  """(a, b) of a kernel: the side whose second moment a Kronecker unit
+  keeps (the smaller of its inputs, all axes but the last, and its
+  outputs, the last axis) and the other."""
+  n_in, n_out = math.prod(shape[:-1]), shape[-1]
+  return (n_in, n_out) if n_in <= n_out else (n_out, n_in)
+
+
+def _as_matrix(x: jax.Array, shape: tuple[int, ...]) -> jax.Array:
+  """``x`` (shaped like the kernel) as an ``a x b`` matrix."""
+  n_out = shape[-1]
+  m = x.reshape(-1, n_out)
+  return m if m.shape[0] <= n_out else m.T
+
+
+def _from_matrix(m: jax.Array, shape: tuple[int, ...]) -> jax.Array:
+  return (m if m.shape[1] == shape[-1] else m.T).reshape(shape)
 
 
 def _kronecker_size(shape: tuple[int, ...]) -> int | None:
@@ -96,11 +112,12 @@ def _kronecker_size(shape: tuple[int, ...]) -> int | None:
   the leaf keeps its importance per element."""
   if len(shape) < 2:
     return None
-  n_in, n_out = _kronecker_dims(shape)
-  size = n_in * n_in + n_out
+  a, b = _kronecker_dims(shape)
+  size = a * a + b
   # The size tells the flat units apart: where it would equal a factored
-  # unit's (never for a matrix with two or more inputs), stay per element.
-  if not 2 <= n_in <= n_out or size == _factored_size(shape):
+  # unit's (never for a matrix of two or more rows and columns), stay per
+  # element.
+  if a < 2 or size == _factored_size(shape):
     return None
   return size
 
@@ -114,22 +131,22 @@ def is_factored_unit(u: jax.Array, p: jax.Array) -> bool:
 
 
 def _kronecker_rank(u: jax.Array, p: jax.Array) -> int | None:
-  """The rank a Kronecker unit ``u`` of the leaf ``p`` keeps (``n_in`` for
+  """The rank a Kronecker unit ``u`` of the leaf ``p`` keeps (``a`` for
   a full one, whose head is :math:`L`; fewer for a low-rank one, whose head
   is :math:`B`), or ``None`` if ``u`` is not a Kronecker unit of ``p``."""
   shape = jnp.shape(p)
   if _kronecker_size(shape) is None or jnp.ndim(u) != 1:
     return None
-  n_in, n_out = _kronecker_dims(shape)
-  rank, rest = divmod(jnp.size(u) - n_out, n_in)
-  if rest or not 2 <= rank <= n_in or jnp.size(u) == _factored_size(shape):
+  a, b = _kronecker_dims(shape)
+  rank, rest = divmod(jnp.size(u) - b, a)
+  if rest or not 2 <= rank <= a or jnp.size(u) == _factored_size(shape):
     return None
   return rank
 
 
 def is_kronecker_unit(u: jax.Array, p: jax.Array) -> bool:
   """Whether ``u`` is a Kronecker unit of the leaf ``p``, full (flat, of
-  size ``n_in ** 2 + n_out``) or low-rank (``n_in * r + n_out``)."""
+  size ``a ** 2 + b``) or low-rank (``a * r + b``)."""
   return _kronecker_rank(u, p) is not None
 
 
@@ -140,24 +157,24 @@ def is_low_rank_unit(u: jax.Array, p: jax.Array) -> bool:
 
 
 def _kronecker_split(u: jax.Array, p: jax.Array):
-  """The head (:math:`L`, ``n_in x n_in``, or :math:`B`, ``n_in x r``) and
-  :math:`c` (``n_out``) of a Kronecker unit of ``p``, in float32."""
-  n_in, _ = _kronecker_dims(jnp.shape(p))
+  """The head (:math:`L`, ``a x a``, or :math:`B`, ``a x r``) and
+  :math:`c` (``b``) of a Kronecker unit of ``p``, in float32."""
+  a, _ = _kronecker_dims(jnp.shape(p))
   rank = _kronecker_rank(u, p)
   u = u.astype(jnp.float32)
-  return u[:n_in * rank].reshape(n_in, rank), u[n_in * rank:]
+  return u[:a * rank].reshape(a, rank), u[a * rank:]
 
 
 def _kronecker_operator(u: jax.Array, p: jax.Array):
   """(:math:`X \\mapsto L X`, the diagonal of :math:`L`, :math:`c`) of a
   Kronecker unit of ``p``."""
   head, col = _kronecker_split(u, p)
-  n_in = head.shape[0]
-  if head.shape[1] == n_in:
+  a = head.shape[0]
+  if head.shape[1] == a:
     return (lambda x: head @ x), jnp.diagonal(head), col
-  energy = jnp.sum(jnp.square(head), axis=1)
-  rho = jnp.maximum(jnp.sum(col) - jnp.sum(energy), 0.0) / n_in
-  return (lambda x: head @ (head.T @ x) + rho * x), energy + rho, col
+  kept = jnp.sum(jnp.square(head), axis=1)
+  rho = jnp.maximum(jnp.sum(col) - jnp.sum(kept), 0.0) / a
+  return (lambda x: head @ (head.T @ x) + rho * x), kept + rho, col
 
 
 def low_rank(cov: jax.Array, col: jax.Array, rank: int) -> jax.Array:
@@ -165,14 +182,14 @@ def low_rank(cov: jax.Array, col: jax.Array, rank: int) -> jax.Array:
   and :math:`c` = ``col``: the top ``rank`` eigenpairs of :math:`L` (its
   trace set to :math:`\\sum c`), the other eigenvalues replaced by their
   mean :math:`\\rho`, :math:`B = V \\sqrt{\\lambda - \\rho}`."""
-  n_in = cov.shape[0]
+  a = cov.shape[0]
   total_energy = jnp.sum(col)
   trace = jnp.trace(cov)
   cov = cov * jnp.where(trace > _TINY, total_energy / jnp.where(
       trace > _TINY, trace, 1.0), 0.0)
   values, vectors = jnp.linalg.eigh((cov + cov.T) / 2)
-  top, vectors = values[n_in - rank:], vectors[:, n_in - rank:]
-  rho = jnp.maximum(total_energy - jnp.sum(top), 0.0) / (n_in - rank)
+  top, vectors = values[a - rank:], vectors[:, a - rank:]
+  rho = jnp.maximum(total_energy - jnp.sum(top), 0.0) / (a - rank)
   head = vectors * jnp.sqrt(jnp.maximum(top - rho, 0.0))
   return jnp.concatenate([jnp.ravel(head), col])
 
@@ -182,8 +199,8 @@ def _full(u: jax.Array, p: jax.Array) -> jax.Array:
   if not is_low_rank_unit(u, p):
     return u.astype(jnp.float32)
   apply, _, col = _kronecker_operator(u, p)
-  n_in, _ = _kronecker_dims(jnp.shape(p))
-  return jnp.concatenate([jnp.ravel(apply(jnp.eye(n_in))), col])
+  a, _ = _kronecker_dims(jnp.shape(p))
+  return jnp.concatenate([jnp.ravel(apply(jnp.eye(a))), col])
 
 
 def accumulate(u: jax.Array, increment: jax.Array, decay: jax.Array,
@@ -194,9 +211,9 @@ def accumulate(u: jax.Array, increment: jax.Array, decay: jax.Array,
   if not is_low_rank_unit(u, p):
     return decay * u.astype(jnp.float32) + increment
   total_unit = decay * _full(u, p) + _full(increment, p)
-  n_in, _ = _kronecker_dims(jnp.shape(p))
-  return low_rank(total_unit[:n_in * n_in].reshape(n_in, n_in),
-                  total_unit[n_in * n_in:], _kronecker_rank(u, p))
+  a, _ = _kronecker_dims(jnp.shape(p))
+  return low_rank(total_unit[:a * a].reshape(a, a),
+                  total_unit[a * a:], _kronecker_rank(u, p))
 
 
 def _factors(v: jax.Array) -> jax.Array:
@@ -216,14 +233,14 @@ def split(u: jax.Array, p: jax.Array) -> tuple[jax.Array, jax.Array]:
 
 def zeros(p: jax.Array, unit: str, rank: int | None = None) -> jax.Array:
   """A zero importance for the leaf ``p``, as ``unit`` keeps it (a
-  Kronecker unit of a kernel of more than ``rank`` inputs: low-rank)."""
+  Kronecker unit whose kept side exceeds ``rank``: low-rank)."""
   if unit == "leaf":
     return jnp.zeros((), jnp.float32)
   size = _kronecker_size(jnp.shape(p)) if unit == "kronecker" else None
   if size is not None:
-    n_in, n_out = _kronecker_dims(jnp.shape(p))
-    if rank is not None and rank < n_in:
-      size = n_in * rank + n_out
+    a, b = _kronecker_dims(jnp.shape(p))
+    if rank is not None and rank < a:
+      size = a * rank + b
     return jnp.zeros((size,), jnp.float32)
   if is_factored(p, unit):
     row_shape, col_shape = _sizes(jnp.shape(p))
@@ -236,12 +253,13 @@ def energy(g: jax.Array, scale: jax.Array, unit: str,
            sketch: tuple[jax.Array, int] | None = None) -> jax.Array:
   """``scale * g^2`` as ``unit`` keeps it (per entry, leaf mean, factors).
 
-  With ``sketch = (key, k)``, a kernel of more than ``k`` inputs gets an
+  With ``sketch = (key, k)``, a kernel whose kept side has more than
+  ``k`` rows gets an
   unbiased estimate of :math:`G G^\\top` from ``k`` of its columns drawn
   (from ``key``, with replacement) with probabilities :math:`p_j \\propto
   c_j`, their energies: :math:`\\sum_{s} g_{j_s} g_{j_s}^\\top / (k
-  p_{j_s})` (length-squared sampling), :math:`O(k \\, n_{in}^2)` instead
-  of :math:`O(n_{in}^2 n_{out})`.
+  p_{j_s})` (length-squared sampling), :math:`O(k \\, a^2)` instead
+  of :math:`O(a^2 b)`.
 
   References:
     Drineas, Kannan & Mahoney, "Fast Monte Carlo algorithms for matrices
@@ -251,15 +269,15 @@ def energy(g: jax.Array, scale: jax.Array, unit: str,
   if unit == "leaf":
     return jnp.mean(jnp.square(g)) * scale
   if unit == "kronecker" and _kronecker_size(jnp.shape(g)) is not None:
-    n_in, n_out = _kronecker_dims(jnp.shape(g))
-    m = g.reshape(n_in, n_out)
+    a, b = _kronecker_dims(jnp.shape(g))
+    m = _as_matrix(g, jnp.shape(g))
     col = jnp.sum(m * m, axis=0)
-    if sketch is not None and sketch[1] < n_in:
+    if sketch is not None and sketch[1] < a:
       key, k = sketch
       cumulative = jnp.cumsum(col)
       picks = jnp.searchsorted(
           cumulative, jax.random.uniform(key, (k,)) * cumulative[-1])
-      picks = jnp.minimum(picks, n_out - 1)
+      picks = jnp.minimum(picks, b - 1)
       # A zero column is never drawn (unless every column is zero).
       weights = jax.lax.rsqrt(k * jnp.maximum(col[picks], _TINY)) * jnp.sqrt(
           cumulative[-1])
@@ -291,8 +309,7 @@ def factor(v: jax.Array, like: jax.Array) -> jax.Array:
     # L = diag of the row sums: the diagonal it stands for is the rank-one
     # (factored) reconstruction of v, with v's sums. A full unit: for a
     # low-rank `like`, `accumulate` truncates the sum it enters.
-    n_in, n_out = _kronecker_dims(jnp.shape(v))
-    m = v.reshape(n_in, n_out)
+    m = _as_matrix(v, jnp.shape(v))
     return jnp.concatenate([jnp.ravel(jnp.diag(jnp.sum(m, axis=1))),
                             jnp.sum(m, axis=0)])
   if jnp.ndim(like) == 0 and jnp.ndim(v) > 0:
@@ -306,7 +323,7 @@ def dense(u: jax.Array, p: jax.Array) -> jax.Array:
   if is_kronecker_unit(u, p):
     _, diagonal, col = _kronecker_operator(u, p)
     trace = jnp.maximum(jnp.sum(col), _TINY)
-    return (diagonal[:, None] * (col / trace)).reshape(jnp.shape(p))
+    return _from_matrix(diagonal[:, None] * (col / trace), jnp.shape(p))
   if is_factored_unit(u, p):
     a, b = _axes(jnp.shape(p))
     # In float32 whatever the stored dtype: the product is the weight.
@@ -324,9 +341,8 @@ def weigh(u: jax.Array, p: jax.Array, d: jax.Array) -> jax.Array:
   if is_kronecker_unit(u, p):
     apply, _, col = _kronecker_operator(u, p)
     trace = jnp.maximum(jnp.sum(col), _TINY)
-    n_in, n_out = _kronecker_dims(jnp.shape(p))
-    return (apply(d.reshape(n_in, n_out)) * (col / trace)).reshape(
-        jnp.shape(d))
+    return _from_matrix(apply(_as_matrix(d, jnp.shape(p))) * (col / trace),
+                        jnp.shape(p))
   return dense(u, p) * d
 
 

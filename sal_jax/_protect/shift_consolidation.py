@@ -142,17 +142,17 @@ def shift_consolidation_estimator(
   Units (see :mod:`sal_jax._common.units`): ``"element"``; ``"factored"``,
   row and column means per matrix (as Adafactor's second moment; the pull
   weighs entry :math:`ij` by :math:`r_i c_j / \operatorname{mean}(r)`);
-  ``"kronecker"``, per kernel with no more inputs than outputs, the second
-  moment of the gradient over its inputs :math:`L = G G^\top` and its
-  energy per output :math:`c`, pulling by :math:`L (\theta - \theta^*)
-  \operatorname{diag}(c) / \operatorname{tr} L` (it protects the input
+  ``"kronecker"``, per kernel (as an :math:`a \times b` matrix, :math:`a`
+  the smaller of its inputs and outputs) the second moment of the
+  gradient over that side :math:`L = G G^\top` and its energy along the
+  other :math:`c`, pulling by :math:`L (\theta - \theta^*)
+  \operatorname{diag}(c) / \operatorname{tr} L` (it protects the
   directions a task used, not only entries); ``"leaf"``, one scalar per
-  leaf. A kernel of more than :math:`r` = ``kronecker_rank`` inputs
-  sketches :math:`G G^\top` as :math:`(G S)(G S)^\top` (:math:`S`
-  random, :math:`r` columns) and consolidates the top :math:`r` directions
-  of :math:`L` (the others as their mean): about :math:`3 r \, n_{in}
-  n_{out}` multiply-adds per kernel and step, not :math:`n_{in}^2
-  n_{out}`. ``running_unit="factored"`` at element granularity factors
+  leaf. Where :math:`a` exceeds :math:`r` = ``kronecker_rank``, the
+  running :math:`L` is sketched from :math:`r` columns of :math:`G` drawn
+  by their energy, and the consolidated one keeps its top :math:`r`
+  directions (the others as their mean): about :math:`r a (a + 2 b)`
+  multiply-adds per kernel and step, not :math:`2 a^2 b`. ``running_unit="factored"`` at element granularity factors
   only :math:`\Omega` (each consolidation adds its rank-one
   reconstruction to a per-element :math:`\Omega^*`).
 
@@ -160,13 +160,13 @@ def shift_consolidation_estimator(
   (exact, in the params' dtype) and :math:`\Omega, \Omega^*` in
   ``importance_dtype``: 3x in float32 (the default), 2x in bfloat16;
   ``running_unit="factored"`` 2x (1.5x), ``"factored"``, ``"leaf"`` 1x,
-  ``"kronecker"`` at most 3x, about 2x for square kernels (what each
-  costs in protection: README, "Estimators").
+  ``"kronecker"`` about 2x for square kernels, less for oblong ones (what
+  each costs in protection: README, "Estimators").
 
   Args:
     granularity: the unit of the importances: ``"element"`` (the
       default), ``"factored"`` (row and column means per matrix),
-      ``"kronecker"`` (input-side second moment per kernel) or ``"leaf"``.
+      ``"kronecker"`` (a second moment per kernel) or ``"leaf"``.
     importance_decay: :math:`\gamma \in (0, 1)`; the importance averages
       about :math:`1 / (1 - \gamma)` steps.
     fast_decay: :math:`\beta_f \in (0, 1)`, the fast energy average.
@@ -188,8 +188,7 @@ def shift_consolidation_estimator(
     importance_dtype: the floating dtype that stores :math:`\Omega` and
       :math:`\Omega^*` (computed in float32); ``jnp.bfloat16`` halves them.
     kronecker_rank: :math:`r \ge 2`, at ``"kronecker"`` granularity the
-      rank kept for kernels of more inputs; ``None``: full :math:`L`
-      everywhere.
+      rank kept of a larger :math:`L`; ``None``: full :math:`L` everywhere.
 
   Returns:
     A :class:`~sal_jax.StabilityEstimator` with a ``restoring_force`` and
