@@ -145,10 +145,11 @@ METHODS = {m.name: m for m in (
                optax.scale_by_learning_rate(hp["lr"])),
            "lr", {"lr": HALF_DECADES_6, "momentum": (0.0, 0.9)},
            sgd_scale=True),
-    Method("sal", "chain(sal.protect(restore=strength), adamw(lr)) "
-           "(protect's default: restore=1)",
-           lambda hp, key: optax.chain(sal.protect(restore=hp["strength"]),
-                                       optax.adamw(hp["lr"])),
+    Method("sal", "chain(sal.protect(restore=strength, granularity="
+           "'element'), adamw(lr)) (a per-element importance)",
+           lambda hp, key: optax.chain(
+               sal.protect(restore=hp["strength"], granularity="element"),
+               optax.adamw(hp["lr"])),
            "strength", {"lr": HALF_DECADES_3,
                         "strength": (0.1, 1.0, 10.0, 100.0)}),
     Method("sal_factored", "chain(sal.protect(restore=strength, "
@@ -160,38 +161,43 @@ METHODS = {m.name: m for m in (
            "strength", {"lr": HALF_DECADES_3,
                         "strength": (0.1, 1.0, 10.0, 100.0)}),
     Method("sal_factored_running", "chain(sal.protect(restore=strength, "
-           "estimator=shift_consolidation_estimator(running_unit="
-           "'factored')), adamw(lr)) (per-element pull, factored running "
+           "estimator=shift_consolidation_estimator(granularity='element', "
+           "running_unit='factored')), adamw(lr)) (per-element pull, "
+           "factored running "
            "importance: 2x state)",
            lambda hp, key: optax.chain(
                sal.protect(restore=hp["strength"],
                            estimator=sal.shift_consolidation_estimator(
+                               granularity="element",
                                running_unit="factored")),
                optax.adamw(hp["lr"])),
            "strength", {"lr": HALF_DECADES_3,
                         "strength": (0.1, 1.0, 10.0, 100.0)}),
     Method("sal_kronecker", "chain(sal.protect(restore=strength, "
-           "granularity='kronecker'), adamw(lr)) (input-side second moment "
-           "per kernel)",
+           "granularity='kronecker'), adamw(lr)) (protect's default: a "
+           "second moment per kernel)",
            lambda hp, key: optax.chain(
                sal.protect(restore=hp["strength"], granularity="kronecker"),
                optax.adamw(hp["lr"])),
            "strength", {"lr": HALF_DECADES_3,
                         "strength": (0.1, 1.0, 10.0, 100.0)}),
     Method("sal_bf16", "chain(sal.protect(restore=strength, "
-           "estimator=shift_consolidation_estimator(importance_dtype="
-           "jnp.bfloat16)), adamw(lr)) (importances in bfloat16: 2x state)",
+           "estimator=shift_consolidation_estimator(granularity='element', "
+           "importance_dtype=jnp.bfloat16)), adamw(lr)) (importances in "
+           "bfloat16: 2x state)",
            lambda hp, key: optax.chain(
                sal.protect(restore=hp["strength"],
                            estimator=sal.shift_consolidation_estimator(
+                               granularity="element",
                                importance_dtype=jnp.bfloat16)),
                optax.adamw(hp["lr"])),
            "strength", {"lr": HALF_DECADES_3,
                         "strength": (0.1, 1.0, 10.0, 100.0)}),
-    Method("sal_budget", "chain(sal.protect(relative_budget=eps), "
-           "adamw(lr)) (a data-free drift budget)",
+    Method("sal_budget", "chain(sal.protect(relative_budget=eps, "
+           "granularity='element'), adamw(lr)) (a data-free drift budget)",
            lambda hp, key: optax.chain(
-               sal.protect(relative_budget=hp["eps"]), optax.adamw(hp["lr"])),
+               sal.protect(relative_budget=hp["eps"], granularity="element"),
+               optax.adamw(hp["lr"])),
            "eps", {"lr": HALF_DECADES_3, "eps": (0.01, 0.03, 0.1, 0.3)}),
     Method("sal_reference", "chain(sal.protect(estimator='reference', "
            "threshold), adamw(lr))",

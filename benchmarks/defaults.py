@@ -22,10 +22,12 @@ drawn from every task. Reported on the test splits, mean over seeds:
 average final accuracy, plasticity (each task's accuracy right after it was
 trained), and the share of the plain-to-joint gap that ``protect()``
 closes, ``(A_protect - A_plain) / (A_joint - A_plain)``; also the shifts
-``protect()`` consolidated by the end of each task. Alongside, one
-argument away, the Kronecker-factored importance,
-``protect(granularity="kronecker")`` (at the default strength, or at
-``--kronecker-restore``), the same way. As references (not the default),
+``protect()`` consolidated by the end of each task (its importance is
+Kronecker-factored; ``--kronecker-rank`` sets its rank). Alongside, one
+argument away, the per-element importance,
+``protect(granularity="element")`` (the default before the Kronecker
+form; at the default strength, or at ``--element-restore``), the same way.
+As references (not the default),
 each with its strength chosen per protocol on the validation split and
 reported on test: ``protect(restore=r)`` (``r`` from :data:`RESTORES`), and
 EWC given what ``protect`` has to find itself, the task boundaries and the
@@ -34,7 +36,7 @@ Fisher of each finished task (``baselines.ewc`` + ``ewc_consolidate`` with
 from :data:`EWC_STRENGTHS`).
 
   python benchmarks/defaults.py [--quick] [--seeds 3] [--restores 0.1,1,10]
-      [--ewc-strengths 1,10,100] [--kronecker-restore R]
+      [--ewc-strengths 1,10,100] [--element-restore R]
       [--kronecker-rank K] [--out DIR]
 """
 
@@ -166,24 +168,23 @@ def _batches(rng, tasks, which, steps):
 
 
 @functools.lru_cache(maxsize=None)
-def _method(optimizer, restore, kronecker_restore=None, kronecker_rank=None):
+def _method(optimizer, restore, element_restore=None, kronecker_rank=None):
   """The transformation and its jitted trainer, built once per method:
   the optimizer alone (``restore`` ``"plain"``), behind ``sal.protect()``
-  (``"default"``), its Kronecker form (``"kronecker"``) or behind
-  ``sal.protect(restore=restore)``; ``kronecker_restore``: the Kronecker
-  form's strength (``None``: protect's default), ``kronecker_rank`` its
-  ``kronecker_rank`` (``None``: the estimator's default, 0: full)."""
+  (``"default"``), its per-element form (``"element"``) or behind
+  ``sal.protect(restore=restore)``; ``element_restore``: the per-element
+  form's strength (``None``: protect's default); ``kronecker_rank``: the
+  default's (``None``: the estimator's default, 0: full)."""
   tx = OPTIMIZERS[optimizer]()
+  estimator = "shift_consolidation" if kronecker_rank is None else (
+      sal.shift_consolidation_estimator(kronecker_rank=kronecker_rank or None))
   if restore == "default":
-    tx = optax.chain(sal.protect(), tx)
-  elif restore == "kronecker":
-    estimator = "shift_consolidation" if kronecker_rank is None else (
-        sal.shift_consolidation_estimator(
-            granularity="kronecker", kronecker_rank=kronecker_rank or None))
-    tx = optax.chain(sal.protect(estimator=estimator, granularity="kronecker",
-                                 restore=kronecker_restore), tx)
+    tx = optax.chain(sal.protect(estimator=estimator), tx)
+  elif restore == "element":
+    tx = optax.chain(sal.protect(granularity="element",
+                                 restore=element_restore), tx)
   elif restore != "plain":
-    tx = optax.chain(sal.protect(restore=restore), tx)
+    tx = optax.chain(sal.protect(estimator=estimator, restore=restore), tx)
   return tx, _trainer(tx)
 
 
@@ -198,20 +199,20 @@ def _example_losses(params, batch):
   return cl_engine.nll(params, x, y, masks)[0]
 
 
-def run(name, optimizer, method, seed, steps, tasks, kronecker_restore=None,
+def run(name, optimizer, method, seed, steps, tasks, element_restore=None,
         kronecker_rank=None):
   """Accuracy matrices ``R[i, j]`` on the val and test splits: task ``j``
   after training task ``i`` (joint: one row, after training on all).
 
   ``method``: ``"plain"``, ``"joint"``, ``"protect"`` (its defaults),
-  ``"kronecker"``, a float, the strength of ``protect(restore=...)``, or
+  ``"element"``, a float, the strength of ``protect(restore=...)``, or
   ``("ewc", strength)``: EWC consolidated at each task's end.
   """
   if isinstance(method, tuple):  # ("ewc", strength): known boundaries
     tx, train = _ewc_method(optimizer, method[1])
   else:
     restore = {"joint": "plain", "protect": "default"}.get(method, method)
-    tx, train = _method(optimizer, restore, kronecker_restore, kronecker_rank)
+    tx, train = _method(optimizer, restore, element_restore, kronecker_rank)
   sizes = (tasks[0]["train"][0].shape[1], *HIDDEN, 10)
   params = _init(jax.random.key(seed), sizes)
   state = tx.init(params)
@@ -258,7 +259,7 @@ def _plasticity(runs):
   return float(np.mean([np.diag(r["test"]).mean() for r in runs]))
 
 
-def summarise(results: dict, kronecker_restore=None) -> dict:
+def summarise(results: dict, element_restore=None) -> dict:
   """Per protocol and optimizer: test means over seeds, the gap closed, and
   the strength chosen on validation among the tuned ones (if any)."""
   out = {}
@@ -280,10 +281,10 @@ def summarise(results: dict, kronecker_restore=None) -> dict:
          "average_accuracy_seeds": {
              _name(m): [float(r["test"][-1].mean()) for r in runs]
              for m, runs in per_method.items()}}
-    if "kronecker" in per_method:
-      runs = per_method["kronecker"]
-      s["kronecker"] = {
-          "restore": kronecker_restore,  # None: protect's default
+    if "element" in per_method:
+      runs = per_method["element"]
+      s["element"] = {
+          "restore": element_restore,  # None: protect's default
           "average_accuracy": _final(runs), "plasticity": _plasticity(runs),
           "gap_closed": closed(runs),
           "consolidations_per_task": np.mean(
@@ -321,15 +322,15 @@ def _percent(x) -> str:
 
 def table(summary: dict) -> str:
   tuned = all("tuned" in s for s in summary.values())
-  kron = all("kronecker" in s for s in summary.values())
+  element = all("element" in s for s in summary.values())
   head = ("| protocol | optimizer | plain | protect() | joint | gap closed "
           "| plasticity plain / protect() | shifts detected by each task's "
           "end (real: 0, 1, 2, ...) |")
   rule = "|---|---|---|---|---|---|---|---|"
-  if kron:
-    strength = next(iter(summary.values()))["kronecker"]["restore"]
+  if element:
+    strength = next(iter(summary.values()))["element"]["restore"]
     strength = "default" if strength is None else f"{strength:g}"
-    head += (f" kronecker (restore {strength}): acc, gap closed, "
+    head += (f" per element (restore {strength}): acc, gap closed, "
              "plasticity, shifts |")
     rule += "---|"
   if tuned:
@@ -349,8 +350,8 @@ def table(summary: dict) -> str:
             f"{p['plain']:.3f} / {p['protect']:.3f} | "
             + " · ".join(f"{c:.1f}" for c in s["consolidations_per_task"])
             + " |")
-    if kron:
-      k = s["kronecker"]
+    if element:
+      k = s["element"]
       line += (f" {k['average_accuracy']:.3f}, {_percent(k['gap_closed'])}, "
                f"{k['plasticity']:.3f}, " + " · ".join(
                    f"{c:.1f}" for c in k["consolidations_per_task"]) + " |")
@@ -366,12 +367,12 @@ def table(summary: dict) -> str:
                f"{_percent(e['gap_closed'])}, {e['plasticity']:.3f} |")
     lines.append(line)
   for label, field in (("protect()", lambda s: s["gap_closed"]),
-                       ("kronecker", lambda s: s["kronecker"]["gap_closed"]),
+                       ("per element", lambda s: s["element"]["gap_closed"]),
                        ("tuned restore", lambda s: s["tuned"]["gap_closed"]),
                        ("EWC with boundaries",
                         lambda s: s["ewc_tuned"]["gap_closed"])):
     if ((label == "tuned restore" and not tuned)
-        or (label == "kronecker" and not kron)
+        or (label == "per element" and not element)
         or (label == "EWC with boundaries" and not ewc)):
       continue
     closed = [field(s) for s in summary.values() if np.isfinite(field(s))]
@@ -396,13 +397,13 @@ def main(argv=None):
       help="strengths of EWC with known boundaries to tune on validation, "
       "as a reference ('' for none)")
   parser.add_argument(
-      "--kronecker-restore", type=float, default=None,
-      help="strength of protect(granularity='kronecker') (default: "
+      "--element-restore", type=float, default=None,
+      help="strength of protect(granularity='element') (default: "
       "protect's own)")
   parser.add_argument(
       "--kronecker-rank", type=int, default=None,
-      help="kronecker_rank of the Kronecker form (default: the estimator's; "
-      "0: full L everywhere)")
+      help="kronecker_rank of the default (and tuned) protect (default: "
+      "the estimator's; 0: full L everywhere)")
   parser.add_argument("--out", default="outputs/defaults")
   args = parser.parse_args(argv)
   names = args.protocols.split(",")
@@ -421,15 +422,15 @@ def main(argv=None):
     tasks = build(name)[:2 if args.quick else None]
     steps = 30 if args.quick else STEPS_PER_TASK[name]
     for optimizer in OPTIMIZERS:
-      for method in ("plain", "protect", "kronecker", "joint", *restores,
+      for method in ("plain", "protect", "element", "joint", *restores,
                      *(("ewc", e) for e in ewc_strengths)):
         for seed in range(seeds):
           jobs.append((name, optimizer, method, seed, steps, tasks))
   for name, optimizer, method, seed, steps, tasks in tqdm(jobs, desc="runs"):
     results.setdefault(f"{name}/{optimizer}", {}).setdefault(
         method, []).append(run(name, optimizer, method, seed, steps, tasks,
-                               args.kronecker_restore, args.kronecker_rank))
-  summary = summarise(results, args.kronecker_restore)
+                               args.element_restore, args.kronecker_rank))
+  summary = summarise(results, args.element_restore)
   text = table(summary)
   print(text)
   out = pathlib.Path(args.out)
@@ -441,7 +442,7 @@ def main(argv=None):
                                                for n in names},
             "restores": restores, "ewc_strengths": ewc_strengths,
             "quick": args.quick,
-            "kronecker_restore": args.kronecker_restore,
+            "element_restore": args.element_restore,
             "kronecker_rank": args.kronecker_rank,
             "seconds": time.time() - t0, "results": summary,
             "accuracy_matrices": {

@@ -79,7 +79,8 @@ LEARNING_RATE = 1e-3
 BATCH = 64
 
 # protect()'s default, and the same at leaf granularity and factored.
-DEFAULT = "sal:shift_consolidation:element"
+DEFAULT = "sal:shift_consolidation:kronecker"
+ELEMENT = "sal:shift_consolidation:element"
 LEAF = "sal:shift_consolidation:leaf"
 FACTORED = "sal:shift_consolidation:factored"
 RUNNING_FACTORED = "sal:shift_consolidation:element:factored_running"
@@ -230,14 +231,18 @@ def make_methods(quick=False):
             granularity, optax.chain(protect, optax.adamw(LEARNING_RATE))))
   methods.append((
       RUNNING_FACTORED, "chain(protect(estimator=shift_consolidation_"
-      "estimator(running_unit='factored')), adamw)", "element",
+      "estimator(granularity='element', running_unit='factored')), adamw)",
+      "element",
       optax.chain(sal.protect(estimator=sal.shift_consolidation_estimator(
-          running_unit="factored")), optax.adamw(LEARNING_RATE))))
+          granularity="element", running_unit="factored")),
+                  optax.adamw(LEARNING_RATE))))
   methods.append((
       BF16_IMPORTANCES, "chain(protect(estimator=shift_consolidation_"
-      "estimator(importance_dtype=jnp.bfloat16)), adamw)", "element",
+      "estimator(granularity='element', importance_dtype=jnp.bfloat16)), "
+      "adamw)", "element",
       optax.chain(sal.protect(estimator=sal.shift_consolidation_estimator(
-          importance_dtype=jnp.bfloat16)), optax.adamw(LEARNING_RATE))))
+          granularity="element", importance_dtype=jnp.bfloat16)),
+                  optax.adamw(LEARNING_RATE))))
   return methods
 
 

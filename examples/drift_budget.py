@@ -3,9 +3,10 @@
 Pretrain an MLP (Flax NNX) on task A, then train it on task B with
 
   * AdamW alone, at the same learning rate (the reference for plasticity);
-  * ``chain(sal.protect(budget=eps), adamw)`` after ``sal.consolidate`` with
-    the diagonal Fisher of task A's model on task B's inputs (labels sampled
-    from the model: no old labels), passing at every step the drift of the
+  * ``chain(sal.protect(budget=eps, granularity="element"), adamw)`` after
+    ``sal.consolidate`` with the diagonal Fisher of task A's model on task
+    B's inputs (labels sampled from the model: no old labels; per element,
+    the Fisher's own unit), passing at every step the drift of the
     model's predictions on a probe of 256 unlabelled task-A inputs,
     ``sal.prediction_drift(anchor_logits, logits)``, as ``drift=``.
 
@@ -146,7 +147,9 @@ def run_pair(pair, seed, steps, budgets, lr, probe_size):
                      watched_step, probe, anchor_probe)
       multiplier = float("nan")
     else:
-      tx = optax.chain(sal.protect(budget=budget), optax.adamw(lr))
+      # Per element: the unit of the diagonal Fisher it consolidates.
+      tx = optax.chain(sal.protect(budget=budget, granularity="element"),
+                       optax.adamw(lr))
       optimizer = nnx.Optimizer(model, tx, wrt=nnx.Param)
       sal.consolidate(optimizer, params, fisher)  # updates it in place
       drifts = train(model, optimizer, b_tr, yb_tr, steps, seed + 1,

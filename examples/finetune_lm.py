@@ -23,15 +23,15 @@ pretrained model, on the same batches per seed:
 ``wise_ft``     interpolation pretrained -> AdamW fine-tuned (coefficient)
 ``replay``      a fraction of each code batch is prose (uses old data)
 ``sal``         ``chain(sal.protect(restore=lambda), adamw)`` after
-                ``sal.fisher_diagonal`` + ``sal.consolidate`` (lambda)
+                ``sal.fisher_kronecker`` + ``sal.consolidate`` (lambda)
 ``sal_probe``   ``chain(sal.protect(budget=eps), adamw)`` after the same
                 consolidation, passed the KL drift of a probe of earlier
                 text and requests as ``drift=`` (eps, nats)
 ``sal_continued`` one ``chain(sal.protect(), adamw)`` through all three
                 stages, no consolidate call; its restore is set for stage 3
-``sal_kronecker`` (optional) ``chain(sal.protect(restore=lambda,
-                granularity="kronecker"), adamw)`` after
-                ``sal.fisher_kronecker`` + ``sal.consolidate`` (lambda)
+``sal_element`` (optional) ``chain(sal.protect(restore=lambda,
+                granularity="element"), adamw)`` after
+                ``sal.fisher_diagonal`` + ``sal.consolidate`` (lambda)
 ==============  ========================================================
 
 Every method but AdamW fine-tunes at AdamW's *matched* learning rate: the
@@ -102,11 +102,11 @@ class Config:
       ("sal_continued", "restore", (0.3, 1.0, 3.0, 10.0, 30.0)),
       ("sal_probe_loss", "budget (nats of probe-loss rise)",
        (0.01, 0.03, 0.1, 0.3)),
-      ("sal_kronecker", "restore", (3.0, 10.0, 30.0, 100.0, 300.0)),
+      ("sal_element", "restore", (3.0, 10.0, 30.0, 100.0, 300.0)),
   )
   # These run only when asked for (--methods), to keep the default run
   # within 30 minutes.
-  optional: tuple = ("sal_probe_loss", "sal_kronecker")
+  optional: tuple = ("sal_probe_loss", "sal_element")
 
 
 QUICK = Config(width=64, depth=1, pretrain_steps=300, behaviour_steps=60,
@@ -284,9 +284,10 @@ def pretrain(data: Data, optimizer_for, seed: int, desc: str):
 
 
 def fisher_of_old_data(model, data: Data, fisher=sal.fisher_diagonal):
-  """The diagonal Fisher of stages 1-2: of prose windows and of the trained
-  replies, each normalised to mean 1 and averaged (``sal.combine_fishers``):
-  pooled, the confidently learned replies' tiny Fisher would barely count."""
+  """The Fisher of stages 1-2 (diagonal, or ``sal.fisher_kronecker``'s):
+  of prose windows and of the trained replies, each normalised to mean 1
+  and averaged (``sal.combine_fishers``): pooled, the confidently learned
+  replies' tiny Fisher would barely count."""
   graphdef, params = nnx.split(model, nnx.Param)
 
   def example_losses(p, batch):
@@ -355,9 +356,9 @@ class Methods:
             optax.inject_hyperparams(sal.protect)(restore=1.0), adamw),
         "sal_probe": optax.chain(
             optax.inject_hyperparams(sal.protect)(budget=0.1), adamw),
-        "sal_kronecker": optax.chain(
+        "sal_element": optax.chain(
             optax.inject_hyperparams(sal.protect)(
-                restore=1.0, granularity="kronecker"), adamw),
+                restore=1.0, granularity="element"), adamw),
         "lora": optax.adamw(LORA_LR_FACTOR * base_lr),
     }
 
@@ -368,17 +369,17 @@ class Methods:
     if name == "adamw":
       set_hyperparam(optimizer, "learning_rate", value)
     elif name in ("l2_init", "ewc", "sal", "sal_probe", "sal_probe_loss",
-                  "sal_kronecker"):
+                  "sal_element"):
       knob = {"l2_init": "strength", "ewc": "strength", "sal": "restore",
               "sal_probe": "budget", "sal_probe_loss": "budget",
-              "sal_kronecker": "restore"}[name]
+              "sal_element": "restore"}[name]
       set_hyperparam(optimizer, knob, value, index=0)
     if name == "ewc":
       baselines.ewc_consolidate(optimizer, self.params, self.fisher)
     if name in ("sal", "sal_probe", "sal_probe_loss"):
-      sal.consolidate(optimizer, self.params, self.fisher)
-    if name == "sal_kronecker":
       sal.consolidate(optimizer, self.params, self.kronecker_fisher)
+    if name == "sal_element":
+      sal.consolidate(optimizer, self.params, self.fisher)
     return optimizer
 
 
@@ -482,7 +483,7 @@ def sweep(cfg: Config, seeds: int, methods_wanted, base_lr=None) -> dict:
 
   params, fisher = fisher_of_old_data(pretrained, data)
   methods = Methods(base_lr, fisher, params)
-  if "sal_kronecker" in methods_wanted:
+  if {"sal", "sal_probe", "sal_probe_loss"} & set(methods_wanted):
     _, methods.kronecker_fisher = fisher_of_old_data(
         pretrained, data, sal.fisher_kronecker)
   probe = make_probe(pretrained, data)

@@ -1,8 +1,9 @@
 """Fine-tuning a pretrained model without old labels: which Fisher to use?
 
 Pretrain an MLP on digits 0-4 (scikit-learn's 8x8 digits), then fine-tune it
-on digits 5-9 with ``optax.chain(sal.protect(restore=...), optax.adamw)``
-after ``sal.consolidate`` with the diagonal Fisher computed from
+on digits 5-9 with ``optax.chain(sal.protect(restore=...,
+granularity="element"), optax.adamw)`` after ``sal.consolidate`` with the
+diagonal Fisher (per element, its own unit) computed from
 
   (a) the old data with its true labels (the empirical Fisher),
   (b) the old data with labels sampled from the model (a one-sample
@@ -78,7 +79,9 @@ def batches(x, y, w=None, size=512):
 @functools.partial(jax.jit, static_argnames=("steps",))
 def train(params, opt_state, restore, x, y, key, steps):
   """``steps`` AdamW steps on batches of 32, behind protect(restore)."""
-  tx = optax.chain(sal.protect(restore=restore), optax.adamw(1e-3))
+  # Per element: the unit of the diagonal Fishers compared here.
+  tx = optax.chain(sal.protect(restore=restore, granularity="element"),
+                   optax.adamw(1e-3))
 
   def step(carry, k):
     params, opt_state = carry
@@ -121,7 +124,8 @@ def main():
     k_init, k_pre, k_b, k_c, k_b2, k_ft = jax.random.split(
         jax.random.PRNGKey(seed), 6)
     params = init_mlp(k_init)
-    tx = optax.chain(sal.protect(restore=0.0), optax.adamw(1e-3))
+    tx = optax.chain(sal.protect(restore=0.0, granularity="element"),
+                     optax.adamw(1e-3))
     params, _ = train(params, tx.init(params), 0.0, xo, yo, k_pre,
                       steps=args.pretrain_steps)
 

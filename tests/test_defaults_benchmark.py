@@ -76,10 +76,10 @@ def test_summary_computes_the_gap_closed_by_hand():
   assert s["tuned"]["restore"] == 10.0 and s["tuned"]["at_grid_edge"]
   assert s["tuned"]["average_accuracy"] == pytest.approx(0.6)
   assert s["tuned"]["gap_closed"] == pytest.approx(-0.05 / 0.2)
-  # The Kronecker form, summarised like protect().
+  # The per-element form, summarised like protect().
   s = defaults.summarise({"p/adamw": {"plain": plain, "protect": protect,
-                                      "kronecker": ten, "joint": joint}},
-                         kronecker_restore=10.0)["p/adamw"]["kronecker"]
+                                      "element": ten, "joint": joint}},
+                         element_restore=10.0)["p/adamw"]["element"]
   assert s["restore"] == 10.0
   assert s["average_accuracy"] == pytest.approx(0.6)
   assert s["gap_closed"] == pytest.approx(-0.05 / 0.2)
@@ -140,7 +140,7 @@ def test_quick_run_writes_the_table_and_json(tmp_path):
     # One entry per task of the protocol's quick run (2 tasks), counting up.
     shifts = s["consolidations_per_task"]
     assert len(shifts) == 2 and 0 <= shifts[0] <= shifts[1]
-    assert 0.0 <= s["kronecker"]["average_accuracy"] <= 1.0
-    assert len(s["kronecker"]["consolidations_per_task"]) == 2
+    assert 0.0 <= s["element"]["average_accuracy"] <= 1.0
+    assert len(s["element"]["consolidations_per_task"]) == 2
     assert s["ewc_tuned"]["strength"] in report["ewc_strengths"]
   assert "gap closed" in (tmp_path / "defaults.md").read_text()

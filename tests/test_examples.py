@@ -23,7 +23,7 @@ def _run_example(script, *args, tmp_path):
 
 def test_quickstart_runs_and_writes_its_plot(tmp_path):
   out = _run_example("quickstart.py", "--epochs", "1", tmp_path=tmp_path)
-  assert "| adamw " in out and "| sal restore=30 + adamw " in out
+  assert "| adamw " in out and "| sal restore=10 + adamw " in out
   assert "| sal reference + adamw " in out
   assert (tmp_path / "quickstart.png").stat().st_size > 10_000
 

@@ -21,7 +21,7 @@ import byte_lm as lm  # noqa: E402  pylint: disable=wrong-import-position
 import finetune_lm  # noqa: E402  pylint: disable=wrong-import-position
 
 METHODS = ("adamw", "l2_init", "ewc", "lora", "wise_ft", "replay", "sal",
-           "sal_probe", "sal_continued", "sal_probe_loss", "sal_kronecker")
+           "sal_probe", "sal_continued", "sal_probe_loss", "sal_element")
 
 
 def _model(seed=0):
@@ -121,7 +121,7 @@ def test_quick_run_writes_the_documented_report(tmp_path):
       adamw[report["base_lr"]]["new_loss"], rel=1e-6)
   # One compile per optimizer, not per knob value: pretraining (AdamW and
   # the continued SAL chain) and stage 3's adamw, l2_init, ewc, replay, sal
-  # and sal_kronecker chains; one step per probe drift; one LoRA step per
+  # and sal_element chains; one step per probe drift; one LoRA step per
   # rank.
   assert report["traces"] == {"train_step": 8, "lora_step": 2,
                               "probe_step": 1, "probe_loss_step": 1}

@@ -124,8 +124,8 @@ def protect(
   importance-weighted squared distance from the anchor over the one the
   params travelled to reach it, a fraction, not nats.
 
-  Defaults: the shift-consolidation estimator per element and a restoring
-  pull of strength 1 (a task-free online EWC, see
+  Defaults: the shift-consolidation estimator (Kronecker-factored) and a
+  restoring pull of strength 1 (a task-free online EWC, see
   :func:`sal_jax.shift_consolidation_estimator`), with no gate: the state
   then holds only the step count, the estimator's state and the budget's
   controller (no scores, threshold or rates), and the gate's arguments are
@@ -153,8 +153,8 @@ def protect(
     granularity: ``"leaf"`` (one score per parameter tensor), ``"element"``
       (one per entry), or for shift consolidation ``"factored"`` or
       ``"kronecker"`` (see its docs). ``None``: the estimator's own
-      (element for shift consolidation, leaf for the others; an instance
-      brings its own).
+      (kronecker for shift consolidation, leaf for the others; an
+      instance brings its own).
     estimator: name of a stability estimator (``"shift_consolidation"``,
       ``"consolidation"``, ``"reference"``) or a
       :class:`~sal_jax.StabilityEstimator`.

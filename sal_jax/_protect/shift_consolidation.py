@@ -71,7 +71,7 @@ _WHERE = "sal_jax.shift_consolidation_estimator"
 
 
 def shift_consolidation_estimator(
-    granularity: str = "element",
+    granularity: str = "kronecker",
     importance_decay: float = 0.99,
     fast_decay: float = 0.9,
     slow_decay: float = 0.99,
@@ -164,9 +164,9 @@ def shift_consolidation_estimator(
   each costs in protection: README, "Estimators").
 
   Args:
-    granularity: the unit of the importances: ``"element"`` (the
-      default), ``"factored"`` (row and column means per matrix),
-      ``"kronecker"`` (a second moment per kernel) or ``"leaf"``.
+    granularity: the unit of the importances: ``"kronecker"`` (a second
+      moment per kernel, the default), ``"element"``, ``"factored"`` (row
+      and column means per matrix) or ``"leaf"``.
     importance_decay: :math:`\gamma \in (0, 1)`; the importance averages
       about :math:`1 / (1 - \gamma)` steps.
     fast_decay: :math:`\beta_f \in (0, 1)`, the fast energy average.
