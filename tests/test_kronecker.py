@@ -161,7 +161,8 @@ def test_state_is_no_larger_than_per_element():
   kron = optax.tree_utils.tree_size(sal.protect(
       estimator=sal.shift_consolidation_estimator(
           granularity="kronecker", kronecker_rank=None)).init(params))
-  element = optax.tree_utils.tree_size(sal.protect().init(params))
+  element = optax.tree_utils.tree_size(
+      sal.protect(granularity="element").init(params))
   assert kron <= element, (kron / size, element / size)
   assert kron / size < 2.0  # the oblong kernels' factors are smaller
 
@@ -335,6 +336,6 @@ def test_consolidate_takes_the_kronecker_fisher_as_it_is():
   combined = sal.combine_fishers([fisher, fisher], params=params)
   np.testing.assert_allclose(combined["w1"], fisher["w1"] / mean, rtol=1e-4)
   # A Kronecker Fisher does not fit a per-element state.
-  element = optax.chain(sal.protect(), optax.adam(1e-3))
+  element = optax.chain(sal.protect(granularity="element"), optax.adam(1e-3))
   with pytest.raises(ValueError, match="shape"):
     sal.consolidate(element.init(params), params, fisher)

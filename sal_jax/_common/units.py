@@ -96,15 +96,13 @@ def _kronecker_dims(shape: tuple[int, ...]) -> tuple[int, int]:
   return (n_in, n_out) if n_in <= n_out else (n_out, n_in)
 
 
-def _as_matrix(x: jax.Array, shape: tuple[int, ...]) -> jax.Array:
-  """``x`` (shaped like the kernel) as an ``a x b`` matrix."""
-  n_out = shape[-1]
-  m = x.reshape(-1, n_out)
-  return m if m.shape[0] <= n_out else m.T
-
-
-def _from_matrix(m: jax.Array, shape: tuple[int, ...]) -> jax.Array:
-  return (m if m.shape[1] == shape[-1] else m.T).reshape(shape)
+def _oriented(x: jax.Array, shape: tuple[int, ...]):
+  """``x`` (shaped like the kernel) as an ``n_in x n_out`` matrix, and
+  whether the kept side ``a`` is its second axis (the outputs). The
+  functions below work on it in place rather than on its transpose: XLA
+  CPU would copy a large transpose, at the cost of several matmuls."""
+  m = x.reshape(-1, shape[-1])
+  return m, m.shape[0] > m.shape[1]
 
 
 def _kronecker_size(shape: tuple[int, ...]) -> int | None:
@@ -128,6 +126,15 @@ def is_factored_unit(u: jax.Array, p: jax.Array) -> bool:
   one is shaped like ``p``)."""
   return (jnp.ndim(p) >= 2 and jnp.ndim(u) == 1
           and jnp.size(u) == _factored_size(jnp.shape(p)))
+
+
+def _pack(head: jax.Array, col: jax.Array) -> jax.Array:
+  """A Kronecker unit: ``head`` flattened, then ``col``. (A pad and an
+  update-slice: XLA CPU's concatenate of a large array is ~10x slower.)"""
+  flat = jnp.ravel(head)
+  return jax.lax.dynamic_update_slice(
+      jnp.pad(flat, (0, jnp.size(col))), col.astype(flat.dtype),
+      (jnp.size(flat),))
 
 
 def _kronecker_rank(u: jax.Array, p: jax.Array) -> int | None:
@@ -166,15 +173,21 @@ def _kronecker_split(u: jax.Array, p: jax.Array):
 
 
 def _kronecker_operator(u: jax.Array, p: jax.Array):
-  """(:math:`X \\mapsto L X`, the diagonal of :math:`L`, :math:`c`) of a
-  Kronecker unit of ``p``."""
+  """(:math:`X \\mapsto L X` or, with ``right=True``, :math:`X L`; the
+  diagonal of :math:`L`; :math:`c`) of a Kronecker unit of ``p``."""
   head, col = _kronecker_split(u, p)
   a = head.shape[0]
-  if head.shape[1] == a:
-    return (lambda x: head @ x), jnp.diagonal(head), col
+  if head.shape[1] == a:  # L is symmetric
+    return (lambda x, right=False: x @ head if right else head @ x,
+            jnp.diagonal(head), col)
   kept = jnp.sum(jnp.square(head), axis=1)
   rho = jnp.maximum(jnp.sum(col) - jnp.sum(kept), 0.0) / a
-  return (lambda x: head @ (head.T @ x) + rho * x), kept + rho, col
+
+  def apply(x, right=False):
+    if right:
+      return (x @ head) @ head.T + rho * x
+    return head @ (head.T @ x) + rho * x
+  return apply, kept + rho, col
 
 
 def low_rank(cov: jax.Array, col: jax.Array, rank: int) -> jax.Array:
@@ -191,7 +204,7 @@ def low_rank(cov: jax.Array, col: jax.Array, rank: int) -> jax.Array:
   top, vectors = values[a - rank:], vectors[:, a - rank:]
   rho = jnp.maximum(total_energy - jnp.sum(top), 0.0) / (a - rank)
   head = vectors * jnp.sqrt(jnp.maximum(top - rho, 0.0))
-  return jnp.concatenate([jnp.ravel(head), col])
+  return _pack(head, col)
 
 
 def _full(u: jax.Array, p: jax.Array) -> jax.Array:
@@ -200,7 +213,7 @@ def _full(u: jax.Array, p: jax.Array) -> jax.Array:
     return u.astype(jnp.float32)
   apply, _, col = _kronecker_operator(u, p)
   a, _ = _kronecker_dims(jnp.shape(p))
-  return jnp.concatenate([jnp.ravel(apply(jnp.eye(a))), col])
+  return _pack(apply(jnp.eye(a)), col)
 
 
 def accumulate(u: jax.Array, increment: jax.Array, decay: jax.Array,
@@ -270,8 +283,9 @@ def energy(g: jax.Array, scale: jax.Array, unit: str,
     return jnp.mean(jnp.square(g)) * scale
   if unit == "kronecker" and _kronecker_size(jnp.shape(g)) is not None:
     a, b = _kronecker_dims(jnp.shape(g))
-    m = _as_matrix(g, jnp.shape(g))
-    col = jnp.sum(m * m, axis=0)
+    m, flip = _oriented(g, jnp.shape(g))
+    # With flip, the kept side is m's columns: L = m^T m, c per row.
+    col = jnp.sum(m * m, axis=1 if flip else 0)
     if sketch is not None and sketch[1] < a:
       key, k = sketch
       cumulative = jnp.cumsum(col)
@@ -281,11 +295,11 @@ def energy(g: jax.Array, scale: jax.Array, unit: str,
       # A zero column is never drawn (unless every column is zero).
       weights = jax.lax.rsqrt(k * jnp.maximum(col[picks], _TINY)) * jnp.sqrt(
           cumulative[-1])
-      y = m[:, picks] * weights
-      cov = (y * scale) @ y.T
+      y = m[picks, :].T if flip else m[:, picks]
+      cov = (y * weights * scale) @ (y * weights).T
     else:
-      cov = (m * scale) @ m.T
-    return jnp.concatenate([jnp.ravel(cov), col * scale])
+      cov = (m.T * scale) @ m if flip else (m * scale) @ m.T
+    return _pack(cov, col * scale)
   if is_factored(g, unit):
     # g^2 spelled apart from the energy sums' square (and the scale in one
     # reduction only): XLA CPU writes a square or a broadcast that several
@@ -309,9 +323,9 @@ def factor(v: jax.Array, like: jax.Array) -> jax.Array:
     # L = diag of the row sums: the diagonal it stands for is the rank-one
     # (factored) reconstruction of v, with v's sums. A full unit: for a
     # low-rank `like`, `accumulate` truncates the sum it enters.
-    m = _as_matrix(v, jnp.shape(v))
-    return jnp.concatenate([jnp.ravel(jnp.diag(jnp.sum(m, axis=1))),
-                            jnp.sum(m, axis=0)])
+    m, flip = _oriented(v, jnp.shape(v))
+    kept, other = (0, 1) if flip else (1, 0)
+    return _pack(jnp.diag(jnp.sum(m, axis=kept)), jnp.sum(m, axis=other))
   if jnp.ndim(like) == 0 and jnp.ndim(v) > 0:
     return jnp.mean(v)
   return v
@@ -322,8 +336,10 @@ def dense(u: jax.Array, p: jax.Array) -> jax.Array:
   a Kronecker unit: its diagonal)."""
   if is_kronecker_unit(u, p):
     _, diagonal, col = _kronecker_operator(u, p)
-    trace = jnp.maximum(jnp.sum(col), _TINY)
-    return _from_matrix(diagonal[:, None] * (col / trace), jnp.shape(p))
+    col = col / jnp.maximum(jnp.sum(col), _TINY)
+    _, flip = _oriented(p, jnp.shape(p))
+    w = col[:, None] * diagonal if flip else diagonal[:, None] * col
+    return w.reshape(jnp.shape(p))
   if is_factored_unit(u, p):
     a, b = _axes(jnp.shape(p))
     # In float32 whatever the stored dtype: the product is the weight.
@@ -340,9 +356,10 @@ def weigh(u: jax.Array, p: jax.Array, d: jax.Array) -> jax.Array:
   Kronecker unit."""
   if is_kronecker_unit(u, p):
     apply, _, col = _kronecker_operator(u, p)
-    trace = jnp.maximum(jnp.sum(col), _TINY)
-    return _from_matrix(apply(_as_matrix(d, jnp.shape(p))) * (col / trace),
-                        jnp.shape(p))
+    col = col / jnp.maximum(jnp.sum(col), _TINY)
+    m, flip = _oriented(d, jnp.shape(p))
+    pulled = apply(m, right=True) * col[:, None] if flip else apply(m) * col
+    return pulled.reshape(jnp.shape(d))
   return dense(u, p) * d
 
 
