@@ -34,15 +34,17 @@ def _compiled_update(protect):
 
 
 @pytest.mark.parametrize("name,protect", [
-    ("default", lambda: sal.protect()),
+    ("element", lambda: sal.protect(granularity="element")),
     ("leaf", lambda: sal.protect(granularity="leaf")),
     ("factored", lambda: sal.protect(granularity="factored")),
     ("running_factored", lambda: sal.protect(
-        estimator=sal.shift_consolidation_estimator(running_unit="factored"))),
-    ("budget", lambda: sal.protect(relative_budget=0.1)),
+        estimator=sal.shift_consolidation_estimator(
+            granularity="element", running_unit="factored"))),
+    ("budget", lambda: sal.protect(relative_budget=0.1,
+                                   granularity="element")),
     ("bfloat16_importances", lambda: sal.protect(
         estimator=sal.shift_consolidation_estimator(
-            importance_dtype=jnp.bfloat16))),
+            granularity="element", importance_dtype=jnp.bfloat16))),
     ("factored_bfloat16", lambda: sal.protect(
         estimator=sal.shift_consolidation_estimator(
             granularity="factored", importance_dtype=jnp.bfloat16))),
@@ -68,3 +70,14 @@ def test_the_memory_check_sees_a_shared_temporary():
 
   compiled = jax.jit(step, donate_argnums=0).lower(params).compile()
   assert compiled.memory_analysis().temp_size_in_bytes >= BIG / 4
+
+
+def test_the_kronecker_default_copies_no_kernel():
+  """The default (Kronecker-factored) copies no full-size kernel either.
+  Its running second moments are written through temporaries of their own
+  size (the sketch's product), which the README's cost section reports."""
+  compiled = _compiled_update(sal.protect())
+  hlo = compiled.as_text()
+  matrices = "|".join(f"{m},{n}" for m, n in (SHAPES["w1"], SHAPES["w2"]))
+  copies = re.findall(rf"\w+\[(?:{matrices})\]\{{[^}}]*\}} copy\(", hlo)
+  assert not copies, f"{len(copies)} full-size copies"

@@ -90,7 +90,8 @@ def test_factored_estimator_is_the_factored_element_estimator():
 
 def test_factored_running_importance_consolidates_its_reconstruction():
   """Per-element consolidated importance fed by a factored running one."""
-  est = sal.shift_consolidation_estimator(running_unit="factored")
+  est = sal.shift_consolidation_estimator(
+      granularity="element", running_unit="factored")
   factored = _run(sal.shift_consolidation_estimator(granularity="factored"))
   states = _run(est)
   for (s, p), (f, _) in zip(states, factored):

@@ -253,7 +253,7 @@ def _check_consolidated(est, params=PARAMS, fisher=FISHER, mean=FISHER_MEAN,
 
 
 def test_consolidate_in_a_chain_sets_anchor_and_importance():
-  tx = optax.chain(sal.protect(), optax.adamw(1e-3))
+  tx = optax.chain(sal.protect(granularity="element"), optax.adamw(1e-3))
   state = tx.init(jax.tree.map(jnp.zeros_like, PARAMS))
   new = sal.consolidate(state, PARAMS, FISHER)
   est = _protect_state(new).estimator_state
@@ -315,9 +315,9 @@ def test_consolidate_inside_masked_covers_the_masked_in_entries_only():
 
 def test_consolidate_inside_inject_hyperparams_and_multisteps():
   inject = optax.inject_hyperparams(
-      lambda learning_rate: optax.chain(sal.protect(),
+      lambda learning_rate: optax.chain(sal.protect(granularity="element"),
                                         optax.adamw(learning_rate)))(1e-3)
-  multi = optax.MultiSteps(optax.chain(sal.protect(), optax.adamw(1e-3)),
+  multi = optax.MultiSteps(optax.chain(sal.protect(granularity="element"), optax.adamw(1e-3)),
                            every_k_schedule=2)
   for tx in (inject, multi):
     state = tx.init(jax.tree.map(jnp.zeros_like, PARAMS))
@@ -351,7 +351,7 @@ def test_consolidate_an_nnx_optimizer_in_place():
       self.linear = nnx.Linear(4, 2, rngs=rngs)
 
   model = Model(nnx.Rngs(0))
-  optimizer = nnx.Optimizer(model, optax.chain(sal.protect(),
+  optimizer = nnx.Optimizer(model, optax.chain(sal.protect(granularity="element"),
                                                optax.adamw(1e-3)),
                             wrt=nnx.Param)
   params = nnx.state(model, nnx.Param)

@@ -74,10 +74,10 @@ def test_bfloat16_importances_keep_two_param_copies_beyond_the_optimizer():
   params = _params()
   scalars = 256 / _bytes(params)  # counts, energies, the budget's state
   half = _extra_state(sal.protect(estimator=sal.shift_consolidation_estimator(
-      importance_dtype=jnp.bfloat16)), params)
+        granularity="element", importance_dtype=jnp.bfloat16)), params)
   # The anchor (1x) and two bfloat16 importances (0.5x each).
   assert 2.0 <= half < 2.0 + scalars, half
-  default = _extra_state(sal.protect(), params)  # float32 importances
+  default = _extra_state(sal.protect(granularity="element"), params)  # float32 importances
   assert 3.0 <= default < 3.0 + scalars, default
 
 
@@ -85,7 +85,7 @@ def test_consolidate_writes_the_fisher_in_the_importance_dtype():
   params = _params()
   tx = optax.chain(sal.protect(
       restore=1.0, estimator=sal.shift_consolidation_estimator(
-          importance_dtype=jnp.bfloat16)), optax.adamw(1e-3))
+        granularity="element", importance_dtype=jnp.bfloat16)), optax.adamw(1e-3))
   fisher = jax.tree.map(lambda p: jnp.square(p) + 0.1, params)
   state = sal.consolidate(tx.init(params), params, fisher)
   (found,) = sal.find_protect_states(state)

@@ -25,7 +25,7 @@ def test_the_estimate_is_the_weighted_distance_over_the_distance_travelled():
   fisher = rng.uniform(0.1, 2.0, size=(2, 5)).astype(np.float32)
   now = rng.normal(size=(2, 5)).astype(np.float32)
   params = {"w": jnp.asarray(start)}
-  tx = optax.chain(sal.protect(relative_budget=0.1), optax.sgd(0.0))
+  tx = optax.chain(sal.protect(relative_budget=0.1, granularity="element"), optax.sgd(0.0))
   state = sal.consolidate(tx.init(params), {"w": jnp.asarray(learned)},
                           {"w": jnp.asarray(fisher)})
   # A zero step: the state's estimate is measured at `now`.
