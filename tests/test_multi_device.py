@@ -42,6 +42,7 @@ CHECKS = (
     "sharding_element_preserve_rms",
     "sharding_shift_consolidation_element",
     "sharding_shift_consolidation_kronecker",
+    "sharding_shift_consolidation_kronecker_low_rank",
     "init_sharding_leaf",
     "init_sharding_element",
     "init_sharding_importance_estimators",

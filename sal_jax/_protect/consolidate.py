@@ -146,10 +146,12 @@ def consolidate(
       with the shift-consolidation estimator, or a ``flax.nnx.Optimizer``
       (updated in place).
     params: the params to anchor to, the tree the optimizer was built for.
-    fisher: the importance of each entry, a non-negative tree like
-      ``params`` (:func:`sal_jax.fisher_diagonal`); for a
-      ``granularity="kronecker"`` state, :func:`sal_jax.fisher_kronecker`'s
-      tree, whose kernels keep their input-side second moment.
+    fisher: for the default (Kronecker-factored) state,
+      :func:`sal_jax.fisher_kronecker`'s tree, whose kernels keep their
+      second moment (a low-rank state keeps its top directions); or the
+      importance of each entry, a non-negative tree like ``params``
+      (:func:`sal_jax.fisher_diagonal`), which a Kronecker state takes as
+      :math:`L` = the diagonal of its row sums (no directions).
     decay: :math:`\kappa \in [0, 1]`, the share of the earlier
       consolidated importance kept; pass the ``consolidation_decay`` of a
       non-default estimator.
