@@ -1,5 +1,8 @@
 """The low-rank Kronecker importance: kernels of more inputs than the rank."""
 
+import subprocess
+import sys
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -211,3 +214,43 @@ def test_rank_is_checked():
   with pytest.raises((TypeError, ValueError), match="kronecker_rank"):
     sal.shift_consolidation_estimator(granularity="kronecker",
                                       kronecker_rank=2.5)
+
+
+_NESTED_VMAP = """
+import jax, jax.numpy as jnp, numpy as np, optax
+import sal_jax as sal
+tx = optax.chain(sal.protect(), optax.adamw(1e-3))
+params = {"w1": jnp.zeros((64, 64)), "w2": jnp.zeros((64, 64)),
+          "b": jnp.zeros(64)}
+
+def train(key, lr):
+  def step(carry, i):
+    p, s = carry
+    k = jax.random.fold_in(key, i)
+    scale = jnp.where(i < 25, 1.0, 30.0)  # a shift: a consolidation
+    g = jax.tree.map(lambda x: scale * jax.random.normal(k, x.shape), p)
+    u, s = tx.update(g, s, p)
+    return (optax.apply_updates(p, jax.tree.map(lambda x: lr * x, u)),
+            s), None
+  (p, _), _ = jax.lax.scan(step, (params, tx.init(params)), jnp.arange(60))
+  return p["w1"].sum() + p["w2"].sum()
+
+keys = jax.random.split(jax.random.key(1), 3)
+lrs = jnp.linspace(0.1, 1.0, 12)
+grid = jax.jit(jax.vmap(jax.vmap(train, in_axes=(None, 0)),
+                        in_axes=(0, None)))(keys, lrs)
+one = jax.jit(train)(keys[2], lrs[5])
+np.testing.assert_allclose(grid[2, 5], one, rtol=1e-4, atol=1e-4)
+print("ok")
+"""
+
+
+@pytest.mark.slow
+def test_a_grid_of_runs_vmapped_twice_completes_and_matches_one_run():
+  # Seeds x configs of a scanned run, as the benchmarks vmap them: the
+  # consolidation's eigendecompositions, batched, once stalled jaxlib's CPU
+  # thread pool. In a subprocess, so that a stall fails on the timeout.
+  out = subprocess.run([sys.executable, "-c", _NESTED_VMAP], timeout=180,
+                       capture_output=True, text=True, check=False)
+  assert out.returncode == 0, out.stderr[-2000:]
+  assert out.stdout.strip() == "ok"

@@ -190,6 +190,21 @@ def _kronecker_operator(u: jax.Array, p: jax.Array):
   return apply, kept + rho, col
 
 
+@jax.custom_batching.custom_vmap
+def _eigh(x: jax.Array) -> tuple[jax.Array, jax.Array]:
+  return tuple(jnp.linalg.eigh(x))
+
+
+@_eigh.def_vmap
+def _eigh_one_at_a_time(axis_size, in_batched, x):
+  # jaxlib's CPU eigh spreads a batch over the intra-op thread pool and
+  # can stall there when vmapped twice inside a loop (seeds x configs of
+  # a scanned training run); consolidations are rare, so one matrix at a
+  # time costs little.
+  del axis_size, in_batched
+  return jax.lax.map(_eigh, x), (True, True)
+
+
 def low_rank(cov: jax.Array, col: jax.Array, rank: int) -> jax.Array:
   """The low-rank Kronecker unit of rank ``rank`` of :math:`L` = ``cov``
   and :math:`c` = ``col``: the top ``rank`` eigenpairs of :math:`L` (its
@@ -200,7 +215,7 @@ def low_rank(cov: jax.Array, col: jax.Array, rank: int) -> jax.Array:
   trace = jnp.trace(cov)
   cov = cov * jnp.where(trace > _TINY, total_energy / jnp.where(
       trace > _TINY, trace, 1.0), 0.0)
-  values, vectors = jnp.linalg.eigh((cov + cov.T) / 2)
+  values, vectors = _eigh((cov + cov.T) / 2)
   top, vectors = values[a - rank:], vectors[:, a - rank:]
   rho = jnp.maximum(total_energy - jnp.sum(top), 0.0) / (a - rank)
   head = vectors * jnp.sqrt(jnp.maximum(top - rho, 0.0))
