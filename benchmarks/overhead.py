@@ -47,7 +47,11 @@ params; AdamW alone reads them once), and each copy is a fresh buffer whose
 pages the kernel faults in. ``XLA_FLAGS`` is recorded with the results;
 compare with
 ``XLA_FLAGS=--xla_cpu_copy_insertion_use_region_analysis=true``, which
-removes those copies.
+removes those copies. Temporaries above glibc's mmap threshold are mapped
+afresh at every step too; ``MALLOC_MMAP_THRESHOLD_`` and the other glibc
+malloc variables in the environment are recorded, and e.g.
+``MALLOC_MMAP_THRESHOLD_=2147483647 MALLOC_TRIM_THRESHOLD_=4294967295``
+keeps such buffers in the heap between steps.
 """
 
 from __future__ import annotations
@@ -243,7 +247,23 @@ def make_methods(quick=False):
       optax.chain(sal.protect(estimator=sal.shift_consolidation_estimator(
           granularity="element", importance_dtype=jnp.bfloat16)),
                   optax.adamw(LEARNING_RATE))))
+  for rank in () if quick else (8, 16):
+    methods.append((
+        f"{DEFAULT}:rank{rank}", "chain(protect(estimator=shift_"
+        f"consolidation_estimator(kronecker_rank={rank})), adamw)",
+        "kronecker",
+        optax.chain(sal.protect(estimator=sal.shift_consolidation_estimator(
+            kronecker_rank=rank)), optax.adamw(LEARNING_RATE))))
   return methods
+
+
+def _malloc_env():
+  """glibc's malloc tunables in the environment: above its mmap threshold
+  (32 MB at most by default) every large buffer a step allocates is mapped
+  afresh and its pages faulted in, which can cost more than the step's
+  arithmetic; recorded with the results."""
+  return {k: v for k, v in sorted(os.environ.items())
+          if k.startswith("MALLOC_") or k == "GLIBC_TUNABLES"}
 
 
 def tree_bytes(tree):
@@ -513,7 +533,8 @@ def main(argv=None):
   print(f"{len(models)} models x {len(methods)} methods; {args.rounds} "
         f"rounds x {args.steps} steps per method (full step and update "
         f"alone), medians; device: {jax.devices()[0].device_kind}, "
-        f"{os.cpu_count()} CPUs; XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}")
+        f"{os.cpu_count()} CPUs; XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}"
+        f"; glibc malloc settings {_malloc_env()}")
   for m in models:
     print(f"  {m.name}: {m.description}, "
           f"{sal.analysis.parameter_count(m.params):,} parameters")
@@ -555,7 +576,8 @@ def main(argv=None):
                   "cpus": os.cpu_count(),
                   "device": str(jax.devices()[0].device_kind),
                   "jax": jax.__version__, "optax": optax.__version__,
-                  "xla_flags": os.environ.get("XLA_FLAGS", "")},
+                  "xla_flags": os.environ.get("XLA_FLAGS", ""),
+                  "malloc_env": _malloc_env()},
       "methods": {name: desc for name, desc, _, _ in methods},
       "bandwidth": {"bytes_per_second": bytes_per_second,
                     "array_bytes": bandwidth.bytes_moved // 2,
