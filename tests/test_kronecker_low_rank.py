@@ -247,9 +247,9 @@ print("ok")
 
 @pytest.mark.slow
 def test_a_grid_of_runs_vmapped_twice_completes_and_matches_one_run():
-  # Seeds x configs of a scanned run, as the benchmarks vmap them: the
-  # consolidation's eigendecompositions, batched, once stalled jaxlib's CPU
-  # thread pool. In a subprocess, so that a stall fails on the timeout.
+  # Seeds x configs of a scanned run, as the benchmarks vmap them: batched,
+  # the consolidation's eigendecompositions can stall jaxlib's CPU thread
+  # pool. In a subprocess, so that a stall fails on the timeout.
   out = subprocess.run([sys.executable, "-c", _NESTED_VMAP], timeout=180,
                        capture_output=True, text=True, check=False)
   assert out.returncode == 0, out.stderr[-2000:]
