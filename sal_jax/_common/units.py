@@ -299,8 +299,10 @@ def energy(g: jax.Array, scale: jax.Array, unit: str,
   if unit == "kronecker" and _kronecker_size(jnp.shape(g)) is not None:
     a, b = _kronecker_dims(jnp.shape(g))
     m, flip = _oriented(g, jnp.shape(g))
-    # With flip, the kept side is m's columns: L = m^T m, c per row.
-    col = jnp.sum(m * m, axis=1 if flip else 0)
+    # With flip, the kept side is m's columns: L = m^T m, c per row. |m|^2
+    # spelled apart from the leaf's sum of squares (as for "factored"):
+    # shared, XLA CPU writes the square to a full-size temporary.
+    col = jnp.sum(jnp.abs(m) * jnp.abs(m), axis=1 if flip else 0)
     if sketch is not None and sketch[1] < a:
       key, k = sketch
       cumulative = jnp.cumsum(col)
