@@ -447,11 +447,16 @@ def matched_lr(adamw_runs: dict) -> float:
              key=lambda lr: val[lr][1])
 
 
-def sweep(cfg: Config, seeds: int, methods_wanted, base_lr=None) -> dict:
-  """Runs everything; with ``base_lr`` given, skips AdamW and WiSE-FT."""
+def sweep(cfg: Config, seeds: int, methods_wanted, base_lr=None,
+          values=None) -> dict:
+  """Runs ``methods_wanted`` over their grids (or over ``values``, a dict
+  method -> knob values); with ``base_lr`` given, the methods fine-tune at
+  that lr rather than at the one AdamW's grid matches."""
   data = Data(cfg)
   report = {"config": dataclasses.asdict(cfg), "methods": {}, "samples": {}}
-  knobs = {name: (knob, values) for name, knob, values in cfg.grids}
+  knobs = {name: (knob, grid) for name, knob, grid in cfg.grids}
+  if values is not None:
+    knobs = {name: (knobs[name][0], tuple(v)) for name, v in values.items()}
   t0 = time.time()
   pretrained, _ = pretrain(
       data, lambda m: nnx.Optimizer(m, optax.adamw(cfg.pretrain_lr),
@@ -469,14 +474,20 @@ def sweep(cfg: Config, seeds: int, methods_wanted, base_lr=None) -> dict:
   results = {name: {} for name in knobs}
   finetuned = {}
   adamw_only = Methods(cfg.pretrain_lr)
-  adamw_seeds = range(seeds) if base_lr is None else ()
-  for seed in adamw_seeds:
-    for lr in knobs["adamw"][1]:
+  lrs = knobs["adamw"][1] if "adamw" in methods_wanted else ()
+  # WiSE-FT interpolates toward AdamW fine-tuned at the base lr.
+  base_runs = (base_lr,) if ("wise_ft" in methods_wanted and base_lr
+                             is not None and base_lr not in lrs) else ()
+  for seed in range(seeds):
+    for lr in (*lrs, *base_runs):
       model = finetune("adamw", lr, pretrained, adamw_only, data, seed,
                        None)
       finetuned[seed, lr] = model
-      results["adamw"].setdefault(lr, []).append(
-          summarise(before, evaluate(model, data)))
+      summary = summarise(before, evaluate(model, data))
+      if lr in lrs:
+        results["adamw"].setdefault(lr, []).append(summary)
+      else:
+        report.setdefault("base_lr_runs", []).append(summary)
   if base_lr is None:
     base_lr = matched_lr(results["adamw"])
   report["base_lr"] = base_lr
@@ -513,11 +524,12 @@ def sweep(cfg: Config, seeds: int, methods_wanted, base_lr=None) -> dict:
           summarise(start, evaluate(model, data)))
       if seed == 0:
         report["samples"][f"{name} {value:g}"] = samples(model)
-    for coefficient in knobs["wise_ft"][1] if finetuned else ():
+    for coefficient in (knobs["wise_ft"][1] if "wise_ft" in methods_wanted
+                        else ()):
       model = interpolate(pretrained, finetuned[seed, base_lr], coefficient)
       results["wise_ft"].setdefault(coefficient, []).append(
           summarise(before, evaluate(model, data)))
-  for lr in knobs["adamw"][1] if finetuned else ():
+  for lr in lrs if seeds else ():
     report["samples"][f"adamw {lr:g}"] = samples(finetuned[0, lr])
 
   for name, (knob, _) in knobs.items():
@@ -531,8 +543,8 @@ def sweep(cfg: Config, seeds: int, methods_wanted, base_lr=None) -> dict:
   return report
 
 
-def merge(cfg: Config, seeds: int, names, path: pathlib.Path) -> dict:
-  """Adds methods to a saved report, checking that it reproduces."""
+def _saved(cfg: Config, seeds: int, path: pathlib.Path, flag: str) -> dict:
+  """A saved report, if it was run with this configuration and seeds."""
   old = json.loads(path.read_text())
   now = json.loads(json.dumps(dataclasses.asdict(cfg)))
   # The grids may gain methods; the rest must be as it was.
@@ -541,21 +553,94 @@ def merge(cfg: Config, seeds: int, names, path: pathlib.Path) -> dict:
   grids = {g[0]: g for g in now["grids"]}
   same &= all(grids.get(g[0]) == g for g in old["config"]["grids"])
   if not same:
-    raise SystemExit(f"--merge: {path} was run with another configuration")
+    raise SystemExit(f"{flag}: {path} was run with another configuration")
   if old["seeds"] != seeds:
-    raise SystemExit(f"--merge: {path} was run with {old['seeds']} seeds")
-  names = [n for n in names if n not in ("adamw", "wise_ft")]
-  new = sweep(cfg, seeds, set(names), base_lr=old["base_lr"])
+    raise SystemExit(f"{flag}: {path} was run with {old['seeds']} seeds")
+  return old
+
+
+def _check_pretrained(old: dict, new: dict, flag: str) -> None:
   for key in ("prose_test_loss", "code_test_loss", "behaviour_test"):
     if abs(new["pretrained"][key] - old["pretrained"][key]) > 1e-5:
       raise SystemExit(
-          f"--merge: the pretrained model no longer reproduces ({key}: "
+          f"{flag}: the pretrained model no longer reproduces ({key}: "
           f"{new['pretrained'][key]} vs {old['pretrained'][key]})")
+
+
+def merge(cfg: Config, seeds: int, names, path: pathlib.Path) -> dict:
+  """Adds methods to a saved report, checking that it reproduces."""
+  old = _saved(cfg, seeds, path, "--merge")
+  names = [n for n in names if n not in ("adamw", "wise_ft")]
+  new = sweep(cfg, seeds, set(names), base_lr=old["base_lr"])
+  _check_pretrained(old, new, "--merge")
   old["methods"].update(new["methods"])
   old["samples"].update({k: v for k, v in new["samples"].items()
                          if k != "pretrained"})
   old.setdefault("merged", []).append(
       {"methods": names, "traces": new["traces"], "seconds": new["seconds"]})
+  return old
+
+
+def refine_values(report: dict) -> dict:
+  """Per method, one knob value inside the step of its front that crosses
+  the matched line (validation code loss at 1.02 x AdamW's best).
+
+  Every method, AdamW included, gets the same: where two neighbouring
+  values of its grid have their validation code losses on either side of
+  the line, the value between them (the geometric mean; WiSE-FT's
+  coefficient: the arithmetic one; LoRA's rank: rounded). Where the front
+  crosses the line more than once (AdamW's code loss is U-shaped in the
+  lr), the crossing whose inside end forgets less (validation prose-loss
+  rise). A method whose grid has no crossing gets none. Chosen on
+  validation only: the test split is what the refined point reports.
+  """
+  methods = report["methods"]
+  line = MATCH * min(p["new_loss_val"] for p in methods["adamw"]["points"])
+  out = {}
+  for name, method in methods.items():
+    points = sorted(method["points"], key=lambda p: p["value"])
+    inside = lambda p: p["new_loss_val"] <= line  # noqa: E731
+    steps = [(p, q) for p, q in zip(points, points[1:])
+             if inside(p) != inside(q)]
+    if not steps:
+      continue
+    p, q = min(steps, key=lambda s: min(
+        x["old_loss_rise_val"] for x in s if inside(x)))
+    lo, hi = p["value"], q["value"]
+    if name == "wise_ft":
+      value = (lo + hi) / 2
+    else:
+      value = float(np.sqrt(lo * hi))
+      if name == "lora":
+        value = float(round(value))
+    if lo < value < hi:
+      out[name] = value
+  return out
+
+
+def refine(cfg: Config, seeds: int, path: pathlib.Path) -> dict:
+  """Adds :func:`refine_values`' points to a saved report (reproduced)."""
+  old = _saved(cfg, seeds, path, "--refine")
+  values = refine_values(old)
+  new = sweep(cfg, seeds, set(values), base_lr=old["base_lr"],
+              values={name: (v,) for name, v in values.items()})
+  _check_pretrained(old, new, "--refine")
+  # AdamW at the base lr, rerun for WiSE-FT, must match the saved runs.
+  base = old["methods"]["adamw"]["seeds"].get(f"{old['base_lr']:g}", [])
+  for saved, rerun in zip(base, new.get("base_lr_runs", [])):
+    if abs(saved["new_loss"] - rerun["new_loss"]) > 1e-4:
+      raise SystemExit("--refine: AdamW at the base lr no longer "
+                       f"reproduces ({rerun['new_loss']} vs "
+                       f"{saved['new_loss']})")
+  for name, method in new["methods"].items():
+    into = old["methods"][name]
+    into["points"] = sorted(into["points"] + method["points"],
+                            key=lambda p: p["value"])
+    into["seeds"].update(method["seeds"])
+  old["samples"].update({k: v for k, v in new["samples"].items()
+                         if k != "pretrained"})
+  old["refined"] = {"values": values, "traces": new["traces"],
+                    "seconds": new["seconds"]}
   return old
 
 
@@ -689,6 +774,10 @@ def main():
   parser.add_argument("--merge", metavar="FILE",
                       help="run only --methods (not adamw, wise_ft) at the "
                            "base lr of the report in FILE and add them to it")
+  parser.add_argument("--refine", metavar="FILE",
+                      help="add to the report in FILE one point per method "
+                           "inside the step where its front crosses the "
+                           "matched line (see refine_values)")
   parser.add_argument("--out", default="outputs/finetune_lm.json")
   parser.add_argument("--from-json", metavar="FILE",
                       help="no training: redo the table, bars and plot of a "
@@ -699,7 +788,9 @@ def main():
   else:
     cfg = QUICK if args.quick else Config()
     seeds = args.seeds or (1 if args.quick else 3)
-    if args.merge:
+    if args.refine:
+      report = refine(cfg, seeds, pathlib.Path(args.refine))
+    elif args.merge:
       report = merge(cfg, seeds, args.methods, pathlib.Path(args.merge))
     else:
       report = sweep(cfg, seeds, set(args.methods) | {"adamw", "wise_ft"})

@@ -150,3 +150,27 @@ def test_base_lr_is_adamw_least_forgetting_within_two_percent():
   assert finetune_lm.matched_lr(adamw) == 3e-4
   adamw[3e-4] = runs(1.70, 0.09)  # now outside 1.02 x 1.65
   assert finetune_lm.matched_lr(adamw) == 1e-3
+
+
+def test_refine_adds_one_value_where_each_front_crosses_the_line():
+  def point(value, new, rise):
+    return {"value": value, "new_loss_val": new, "old_loss_rise_val": rise}
+  report = {"methods": {
+      # U-shaped in the lr: the line (1.02 x 1.60 = 1.632) is crossed twice;
+      # the low-lr step's inside end (3e-4) forgets less than 3e-3's.
+      "adamw": {"points": [point(1e-4, 1.70, 0.04), point(3e-4, 1.62, 0.09),
+                           point(1e-3, 1.60, 0.20), point(3e-3, 1.62, 0.40),
+                           point(1e-2, 1.70, 0.60)]},
+      "sal": {"points": [point(30.0, 1.65, 0.03), point(3.0, 1.61, 0.07),
+                         point(10.0, 1.62, 0.05)]},
+      "wise_ft": {"points": [point(0.75, 1.64, 0.0), point(1.0, 1.60, 0.09)]},
+      "lora": {"points": [point(10, 1.70, 0.1), point(30, 1.62, 0.12)]},
+      "sal_continued": {"points": [point(1.0, 1.70, 0.05),
+                                   point(3.0, 1.75, 0.03)]},
+  }}
+  values = finetune_lm.refine_values(report)
+  assert values["adamw"] == pytest.approx(np.sqrt(1e-4 * 3e-4))
+  assert values["sal"] == pytest.approx(np.sqrt(10.0 * 30.0))
+  assert values["wise_ft"] == pytest.approx(0.875)
+  assert values["lora"] == 17.0
+  assert "sal_continued" not in values  # its grid never crosses the line
