@@ -128,6 +128,28 @@ def matched(entries: list[dict], target: float,
   return max(near, key=lambda i: entries[i]["valid_avg_acc"])
 
 
+def front_forgetting(entries: list[dict], target: float) -> float | None:
+  """The forgetting of a method's front at plasticity ``target``, or None.
+
+  The front: the configurations that no other one of the method beats on
+  both test plasticity (higher) and test forgetting (lower); between the
+  two front points whose plasticities bracket ``target``, linearly
+  interpolated. Where the whole front is more plastic than ``target``, its
+  least plastic point (it matches the target's plasticity or beats it);
+  None where no configuration reaches ``target``. A description of the
+  measured front, not a configuration: it answers "forgetting at matched
+  plasticity" where no single configuration lands within
+  :data:`MATCH_TOLERANCE` of the target.
+  """
+  x = np.array([p["plasticity"] for p in entries], float)
+  y = np.array([p["forgetting"] for p in entries], float)
+  front = pareto_front(x, y, maximize_y=False)
+  xs, ys = x[front], y[front]
+  if not len(xs) or target > xs[-1]:
+    return None
+  return float(np.interp(target, xs, ys))  # below xs[0]: ys[0]
+
+
 def summarize(raw: dict, configs: dict[str, np.ndarray],
               segment_tasks, floor: float = 0.0) -> dict:
   """Points, the validation choice and the chosen run's details.

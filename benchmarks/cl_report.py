@@ -16,6 +16,8 @@
                      "online_acc", "kl_mean"}],   # test metrics, seed means
          "chosen": int,                # index chosen on validation
          "matched": int | null,        # index at matched plasticity
+         "front_forgetting": float | null,  # the front's, at AdamW's
+                                       # chosen test plasticity
          "grid": {axis: [values]},     # after widening (cl_grid)
          "base_configs": int, "widening_rounds": int,
          "chosen_at_grid_edge": [axes],   # still at an edge after widening
@@ -64,8 +66,12 @@ def add_matched(results: dict) -> None:
     adamw = methods["adamw"]
     target = adamw["points"][adamw["chosen"]]["valid_plasticity"]
     protocol["adamw_plasticity"] = target
+    test_target = adamw["points"][adamw["chosen"]]["plasticity"]
+    protocol["adamw_test_plasticity"] = test_target
     for entry in methods.values():
       entry["matched"] = cl_metrics.matched(entry["points"], target)
+      entry["front_forgetting"] = cl_metrics.front_forgetting(
+          entry["points"], test_target)
 
 
 def method_label(protocol: dict, name: str) -> str:
@@ -143,6 +149,30 @@ def matched_summary(results: dict) -> str:
   return "\n".join(lines)
 
 
+def front_summary(results: dict) -> str:
+  """Forgetting of each method's front at AdamW's chosen plasticity, and
+  its ratio to AdamW's forgetting there; "-" outside the front's range."""
+  names = list(results["protocols"])
+  methods = list(next(iter(results["protocols"].values()))["methods"])
+  lines = ["| " + " | ".join(["method"] + names) + " |",
+           "|" + "---|" * (len(names) + 1)]
+  for method in methods:
+    cells = [method]
+    for name in names:
+      protocol = results["protocols"][name]
+      entry = protocol["methods"].get(method)
+      value = None if entry is None else entry.get("front_forgetting")
+      adamw = protocol["methods"]["adamw"]
+      base = adamw["points"][adamw["chosen"]]["forgetting"]
+      if value is None:
+        cells.append("-")
+      else:
+        cells.append(f"{value:.3f} ({value / base:.2f}x)" if base > 0
+                     else f"{value:.3f}")
+    lines.append("| " + " | ".join(cells) + " |")
+  return "\n".join(lines)
+
+
 def write_markdown(results: dict, path: pathlib.Path) -> str:
   """All protocols' tables, with titles and the reading notes; returns it."""
   parts = []
@@ -154,6 +184,17 @@ def write_markdown(results: dict, path: pathlib.Path) -> str:
       "Each method's configuration whose validation plasticity is within 1 "
       "point of AdamW's chosen one (best validation accuracy among those); "
       "test metrics, mean over seeds.\n\n" + matched_summary(results) + "\n")
+  if all("front_forgetting" in entry for protocol in
+         results["protocols"].values() for entry in
+         protocol["methods"].values()):
+    parts.append(
+        "## Forgetting on each front at AdamW's plasticity\n\n"
+        "Each method's test front (its configurations not beaten on both "
+        "plasticity and forgetting), linearly interpolated at AdamW's "
+        "chosen test plasticity; in brackets, over AdamW's forgetting. A "
+        "reading of the measured fronts where the 1-point window above "
+        "finds no configuration, not a configuration itself.\n\n"
+        + front_summary(results) + "\n")
   for name, protocol in results["protocols"].items():
     s = protocol["schedule"]
     ratio = ""

@@ -84,7 +84,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                       "results.json already in --out (same protocols, "
                       "seeds and quick setting), keeping the other methods")
   parser.add_argument("--report-only", action="store_true",
-                      help="rewrite results.md and the figures from the "
+                      help="recompute the derived metrics (matched "
+                      "points, fronts, calibration) and rewrite "
+                      "results.json, results.md and the figures from the "
                       "results.json in --out, training nothing")
   args = parser.parse_args(argv)
   for flag, known in (("protocols", cl_protocols.PROTOCOLS),
@@ -205,10 +207,12 @@ def main(argv=None) -> dict:
   out = pathlib.Path(args.out)
   if args.report_only:
     results = json.loads((out / "results.json").read_text())
+    cl_report.add_matched(results)
     for name, protocol in results["protocols"].items():
       cl_report.plot_protocol(name, protocol, out)
     cl_calibration.add_calibration(results)
     cl_calibration.plot(results, out / "calibration.png")
+    cl_report.write_json(results, out / "results.json")
     print(cl_report.write_markdown(results, out / "results.md"))
     return results
   out.mkdir(parents=True, exist_ok=True)

@@ -146,6 +146,19 @@ def test_pareto_front_and_matching_by_hand():
   assert cl_metrics.matched(entries, 0.7) is None
 
 
+def test_front_forgetting_interpolates_between_the_bracketing_front_points():
+  points = [{"plasticity": p, "forgetting": f}
+            for p, f in [(0.95, 0.40), (0.90, 0.10), (0.80, 0.05),
+                         (0.85, 0.30)]]  # the last is beaten by (0.90, 0.10)
+  # Between (0.90, 0.10) and (0.95, 0.40): a fifth of the way.
+  assert cl_metrics.front_forgetting(points, 0.91) == pytest.approx(0.16)
+  assert cl_metrics.front_forgetting(points, 0.80) == pytest.approx(0.05)
+  assert cl_metrics.front_forgetting(points, 0.85) == pytest.approx(0.075)
+  assert cl_metrics.front_forgetting(points, 0.97) is None
+  # Every configuration is more plastic: the least plastic front point.
+  assert cl_metrics.front_forgetting(points, 0.70) == pytest.approx(0.05)
+
+
 def test_every_method_has_the_same_budget_with_the_learning_rate():
   for method in cl_methods.METHODS.values():
     for quick, size in ((False, cl_methods.BUDGET), (True, 2)):
@@ -274,6 +287,22 @@ def test_quick_run_writes_complete_reports(tmp_path):
       assert np.shape(entry["curves"]["task1_acc"]) == (2, points)
     for figure in ("fronts", "task1"):
       assert (tmp_path / f"{name}_{figure}.png").stat().st_size > 10_000
+  assert "Forgetting on each front at AdamW's plasticity" in markdown
+  # --report-only recomputes the derived metrics from the saved runs.
+  for protocol in results["protocols"].values():
+    for entry in protocol["methods"].values():
+      del entry["front_forgetting"]
+  (tmp_path / "results.json").write_text(json.dumps(results))
+  again = subprocess.run(
+      [sys.executable, str(ROOT / "benchmarks" / "continual.py"),
+       "--report-only", "--out", str(tmp_path)],
+      capture_output=True, text=True, timeout=300, cwd=ROOT)
+  assert again.returncode == 0, again.stderr[-3000:]
+  assert (tmp_path / "results.md").read_text() == markdown
+  rewritten = json.loads((tmp_path / "results.json").read_text())
+  for protocol in rewritten["protocols"].values():
+    for entry in protocol["methods"].values():
+      assert "front_forgetting" in entry
 
 
 def test_grid_axes_step_past_their_edges_on_their_own_scale():
