@@ -45,7 +45,8 @@ trained before stage 3 that still are after it (``behaviour_retention``),
 means over seeds (the seed varies the stage-3 batches and LoRA's init; the
 pretrained model is one).
 
-  python examples/finetune_lm.py [--quick] [--seeds 3] [--out DIR]
+  python examples/finetune_lm.py [--quick] [--seeds 3] [--out FILE]
+  python examples/finetune_lm.py --refine FILE --out FILE  # see refine_values
 """
 
 from __future__ import annotations
@@ -744,7 +745,9 @@ def plot(report: dict, path: pathlib.Path) -> None:
   for i, (name, method) in enumerate(report["methods"].items()):
     points = method["points"]  # in the knob's order
     x = [p["new_loss"] for p in points]
-    style = dict(color=f"C{i}", marker="o", label=name,
+    # tab20's dark then light shades: 11 methods, no colour twice.
+    color = plt.get_cmap("tab20").colors[2 * i % 20 + (2 * i >= 20)]
+    style = dict(color=color, marker="o", label=name,
                  ls="--" if name == "replay" else "-",
                  lw=2.5 if name.startswith("sal") else 1.2)
     axes[0].plot(x, [p["old_loss_rise"] for p in points], **style)

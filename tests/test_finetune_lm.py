@@ -140,6 +140,26 @@ def test_quick_run_writes_the_documented_report(tmp_path):
       "points"]
   assert merged["merged"][0]["methods"] == ["sal"]
   assert merged["methods"]["adamw"] == report["methods"]["adamw"]
+  # --refine adds one point per method whose front crosses the line, the
+  # saved points kept as they were.
+  refined = tmp_path / "refined.json"
+  again = subprocess.run(
+      [sys.executable, str(ROOT / "examples" / "finetune_lm.py"), "--quick",
+       "--refine", str(out), "--out", str(refined)],
+      capture_output=True, text=True, timeout=600, cwd=ROOT)
+  assert again.returncode == 0, again.stderr[-3000:]
+  refined = json.loads(refined.read_text())
+  values = refined["refined"]["values"]
+  assert values == finetune_lm.refine_values(report)
+  assert values  # the quick grids' ends straddle the line somewhere
+  for name, method in refined["methods"].items():
+    old = report["methods"][name]["points"]
+    added = [p for p in method["points"] if p not in old]
+    assert len(method["points"]) == len(old) + (name in values), name
+    assert [p["value"] for p in added] == ([values[name]] if name in values
+                                           else [])
+    assert [p["value"] for p in method["points"]] == sorted(
+        p["value"] for p in method["points"])
 
 
 def test_base_lr_is_adamw_least_forgetting_within_two_percent():
