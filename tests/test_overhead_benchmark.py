@@ -64,3 +64,30 @@ def test_overhead_quick_runs_and_reports(tmp_path):
         assert copies <= m["extra_state_over_params"] < copies + 0.05
   assert all({"target", "model", "method", "value", "met"} <= set(t)
              for t in report["targets"])
+
+
+def test_accelerator_check_quick_runs_and_reports(tmp_path):
+  out = tmp_path / "accelerator.json"
+  env = dict(os.environ)
+  env["XLA_FLAGS"] = "--xla_backend_optimization_level=0"
+  proc = subprocess.run(
+      [sys.executable, str(ROOT / "benchmarks" / "accelerator.py"),
+       "--quick", "--models", "mlp_tiny", "--out", str(out)],
+      capture_output=True, text=True, timeout=600, cwd=ROOT, env=env)
+  assert proc.returncode == 0, proc.stderr[-4000:]
+  report = json.loads(out.read_text())
+  results = report["results"]
+  assert set(results) == {"mlp_tiny:float32", "mlp_tiny:bfloat16"}
+  f32, bf16 = results["mlp_tiny:float32"], results["mlp_tiny:bfloat16"]
+  # The params really are in bfloat16: half the bytes.
+  assert 2 * bf16["param_bytes"] == f32["param_bytes"]
+  assert set(f32["methods"]) == {"adamw", "sal:shift_consolidation:leaf",
+                                 "sal:shift_consolidation:element",
+                                 "sal:shift_consolidation:kronecker"}
+  for model in results.values():
+    for entry in model["methods"].values():
+      assert entry["full_step"]["median_ms"] > 0
+  conditional = report["conditional"]
+  assert conditional["cond_us_per_step"] > 0
+  assert conditional["select_us_per_step"] > 0
+  assert "lax.cond in a step" in proc.stdout
