@@ -22,7 +22,7 @@ round-trip's pace rather than at the device's. The check times such a
 loop with a ``lax.cond`` and with the same computation as a ``jnp.where``
 (both branches computed), in microseconds per step.
 
-  python benchmarks/accelerator.py                # about 5-8 min on a GPU
+  python benchmarks/accelerator.py                # the full check
   python benchmarks/accelerator.py --quick        # tiny models: a smoke run
   python benchmarks/accelerator.py --models mlp_210m --dtypes bfloat16
 """
