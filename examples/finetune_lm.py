@@ -640,8 +640,8 @@ def refine(cfg: Config, seeds: int, path: pathlib.Path) -> dict:
     into["seeds"].update(method["seeds"])
   old["samples"].update({k: v for k, v in new["samples"].items()
                          if k != "pretrained"})
-  old["refined"] = {"values": values, "traces": new["traces"],
-                    "seconds": new["seconds"]}
+  old.setdefault("refined", []).append(
+      {"values": values, "traces": new["traces"], "seconds": new["seconds"]})
   return old
 
 
