@@ -568,6 +568,16 @@ def _check_pretrained(old: dict, new: dict, flag: str) -> None:
           f"{new['pretrained'][key]} vs {old['pretrained'][key]})")
 
 
+def _record(old: dict, new: dict, key: str, **what) -> dict:
+  """``old`` with ``new``'s samples and, under ``key``, a record of the
+  added run (``what``, its traces and seconds)."""
+  old["samples"].update({k: v for k, v in new["samples"].items()
+                         if k != "pretrained"})
+  old.setdefault(key, []).append(
+      {**what, "traces": new["traces"], "seconds": new["seconds"]})
+  return old
+
+
 def merge(cfg: Config, seeds: int, names, path: pathlib.Path) -> dict:
   """Adds methods to a saved report, checking that it reproduces."""
   old = _saved(cfg, seeds, path, "--merge")
@@ -575,11 +585,7 @@ def merge(cfg: Config, seeds: int, names, path: pathlib.Path) -> dict:
   new = sweep(cfg, seeds, set(names), base_lr=old["base_lr"])
   _check_pretrained(old, new, "--merge")
   old["methods"].update(new["methods"])
-  old["samples"].update({k: v for k, v in new["samples"].items()
-                         if k != "pretrained"})
-  old.setdefault("merged", []).append(
-      {"methods": names, "traces": new["traces"], "seconds": new["seconds"]})
-  return old
+  return _record(old, new, "merged", methods=names)
 
 
 def refine_values(report: dict) -> dict:
@@ -638,11 +644,7 @@ def refine(cfg: Config, seeds: int, path: pathlib.Path) -> dict:
     into["points"] = sorted(into["points"] + method["points"],
                             key=lambda p: p["value"])
     into["seeds"].update(method["seeds"])
-  old["samples"].update({k: v for k, v in new["samples"].items()
-                         if k != "pretrained"})
-  old.setdefault("refined", []).append(
-      {"values": values, "traces": new["traces"], "seconds": new["seconds"]})
-  return old
+  return _record(old, new, "refined", values=values)
 
 
 # -- report -----------------------------------------------------------------
