@@ -89,6 +89,9 @@ LEAF = "sal:shift_consolidation:leaf"
 FACTORED = "sal:shift_consolidation:factored"
 RUNNING_FACTORED = "sal:shift_consolidation:element:factored_running"
 BF16_IMPORTANCES = "sal:shift_consolidation:element:bf16_importances"
+# The default with its pull off: what its statistics and shift detector cost
+# alone (the rest of the default's overhead is the pull).
+NO_PULL = f"{DEFAULT}:no_pull"
 
 # The targets (CPU, batch 64): (what, model or None for every
 # model, method, limit).
@@ -247,6 +250,9 @@ def make_methods(quick=False):
       optax.chain(sal.protect(estimator=sal.shift_consolidation_estimator(
           granularity="element", importance_dtype=jnp.bfloat16)),
                   optax.adamw(LEARNING_RATE))))
+  methods.append((
+      NO_PULL, "chain(protect(restore=0), adamw)", "kronecker",
+      optax.chain(sal.protect(restore=0), optax.adamw(LEARNING_RATE))))
   for rank in () if quick else (8, 16):
     methods.append((
         f"{DEFAULT}:rank{rank}", "chain(protect(estimator=shift_"

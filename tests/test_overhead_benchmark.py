@@ -91,3 +91,34 @@ def test_accelerator_check_quick_runs_and_reports(tmp_path):
   assert conditional["cond_us_per_step"] > 0
   assert conditional["select_us_per_step"] > 0
   assert "lax.cond in a step" in proc.stdout
+
+
+def test_step_profile_attributes_the_update_to_operations(tmp_path):
+  out = tmp_path / "profile.json"
+  proc = subprocess.run(
+      [sys.executable, str(ROOT / "benchmarks" / "step_profile.py"),
+       "--shape", "96x64", "--steps", "2", "--out", str(out)],
+      capture_output=True, text=True, timeout=600, cwd=ROOT)
+  assert proc.returncode == 0, proc.stderr[-4000:]
+  assert "| operation | output | from | ms / step |" in proc.stdout
+  results = json.loads(out.read_text())["results"]
+  assert set(results) == {"adamw", "default", "no_pull", "element"}
+  for entry in results.values():
+    assert entry["step_ms"] > 0 and entry["operations"]
+    assert all(o["ms_per_step"] >= 0 for o in entry["operations"])
+  # The Kronecker statistics are matrix products (the sketched G G^T);
+  # AdamW and the per-element form have none.
+  sources = {name: {o["jax_op"] for o in entry["operations"]}
+             for name, entry in results.items()}
+  assert "dot_general" in sources["default"]
+  assert "dot_general" in sources["no_pull"]
+  assert "dot_general" not in sources["adamw"] | sources["element"]
+
+
+def test_step_profile_rejects_a_bad_shape():
+  proc = subprocess.run(
+      [sys.executable, str(ROOT / "benchmarks" / "step_profile.py"),
+       "--shape", "4096"], capture_output=True, text=True, timeout=120,
+      cwd=ROOT)
+  assert proc.returncode == 2
+  assert "--shape must be two positive sizes" in proc.stderr
