@@ -49,6 +49,8 @@ def methods():
        optax.chain(sal.protect(restore=0), adamw)),
       ("element", "chain(protect(granularity='element'), adamw)",
        optax.chain(sal.protect(granularity="element"), adamw)),
+      ("leaf", "chain(protect(granularity='leaf'), adamw)",
+       optax.chain(sal.protect(granularity="leaf"), adamw)),
   ]
 
 

@@ -102,7 +102,7 @@ def test_step_profile_attributes_the_update_to_operations(tmp_path):
   assert proc.returncode == 0, proc.stderr[-4000:]
   assert "| operation | output | from | ms / step |" in proc.stdout
   results = json.loads(out.read_text())["results"]
-  assert set(results) == {"adamw", "default", "no_pull", "element"}
+  assert set(results) == {"adamw", "default", "no_pull", "element", "leaf"}
   for entry in results.values():
     assert entry["step_ms"] > 0 and entry["operations"]
     assert all(o["ms_per_step"] >= 0 for o in entry["operations"])
@@ -112,7 +112,8 @@ def test_step_profile_attributes_the_update_to_operations(tmp_path):
              for name, entry in results.items()}
   assert "dot_general" in sources["default"]
   assert "dot_general" in sources["no_pull"]
-  assert "dot_general" not in sources["adamw"] | sources["element"]
+  assert "dot_general" not in (
+      sources["adamw"] | sources["element"] | sources["leaf"])
 
 
 def test_step_profile_rejects_a_bad_shape():
