@@ -5,6 +5,7 @@ import pathlib
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 
 pytestmark = pytest.mark.slow  # each test runs an example or benchmark
@@ -22,10 +23,31 @@ def _run_example(script, *args, tmp_path):
 
 
 def test_quickstart_runs_and_writes_its_plot(tmp_path):
-  out = _run_example("quickstart.py", "--epochs", "1", tmp_path=tmp_path)
-  assert "| adamw " in out and "| sal restore=10 + adamw " in out
-  assert "| sal reference + adamw " in out
+  out = _run_example("quickstart.py", "--epochs", "1", "--seeds", "1",
+                     tmp_path=tmp_path)
+  assert out.count("| adamw ") == 2  # one table per protocol
+  for name in ("sal protect() + adamw", "sal protect(restore=10) + adamw",
+               "sal element restore=30 + adamw", "sal reference + adamw"):
+    assert f"| {name} " in out
+  assert "permuted (digits" in out and "domain (digit pairs" in out
   assert (tmp_path / "quickstart.png").stat().st_size > 10_000
+
+
+def test_quickstart_permuted_tasks_shuffle_the_same_digits():
+  sys.path.insert(0, str(ROOT / "examples"))
+  import quickstart  # pylint: disable=g-import-not-at-top
+
+  tasks = quickstart.load_tasks(0, "permuted")
+  assert len(tasks) == len(quickstart.TASKS)
+  first = tasks[0]
+  for task in tasks:
+    assert task["mask"].all()  # one ten-way head
+    assert (task["y_train"] == first["y_train"]).all()
+    # The same images, each pixel moved by the task's own shuffle: every
+    # image keeps its multiset of pixel values.
+    assert (np.sort(task["x_test"], 1) == np.sort(first["x_test"], 1)).all()
+  assert not any((t["x_train"] == first["x_train"]).all() for t in tasks[1:])
+  assert quickstart.load_tasks(0, "domain")[0]["mask"].sum() == 2
 
 
 def test_multi_device_example_runs_its_checks():
